@@ -1,0 +1,265 @@
+"""Typed configuration: dataclasses registered with Hydra's ConfigStore.
+
+The yaml files in conf/ are merged onto these schemas, so an unknown key or a value
+of the wrong type fails when the config is composed. `validate` then checks the
+relations between keys (β > 0, ε in range, a reference for losses that need one)
+before any model is loaded. Units and meanings of every key are in the yaml comments.
+"""
+from __future__ import annotations
+
+import os
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class LossName(str, Enum):
+    sft = "sft"
+    dpo = "dpo"
+    cdpo = "cdpo"
+    rdpo = "rdpo"
+    ipo = "ipo"
+    hinge = "hinge"
+    rpo = "rpo"
+    simpo = "simpo"
+
+
+class OptimizerName(str, Enum):
+    rmsprop = "rmsprop"
+    adamw = "adamw"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class LoggerName(str, Enum):
+    none = "none"
+    wandb = "wandb"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    name_or_path: Optional[str] = None
+    architecture: Dict[str, Any] = field(default_factory=dict)
+    tokenizer: Optional[str] = None
+    policy_dtype: str = "float32"
+    reference_dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    path: Optional[str] = None
+    num_train_texts: int = 4000
+    num_eval_texts: int = 400
+    max_length: int = 512
+    max_prompt_length: int = 256
+    vocab_size: int = 1024
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 128
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    prompt_min_tokens: int = 2
+    prompt_max_tokens: int = 8
+    num_train_prompts: int = 512
+    num_eval_pair_prompts: int = 64
+    samples_per_prompt: int = 4
+    min_reward_gap: float = 0.0
+    gold_reward: Optional[str] = "vader"
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class LossConfig:
+    name: LossName = LossName.dpo
+    beta: float = 0.1
+    reference_free: bool = False
+    label_smoothing: float = 0.0
+    alpha: float = 1.0
+    gamma: float = 0.5
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.rmsprop
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.0
+    alpha: float = 0.99
+    warmup_steps: int = 150
+    schedule: Schedule = Schedule.constant
+    max_grad_norm: float = 10.0
+
+
+@dataclass
+class SFTConfig:
+    checkpoint: Optional[str] = None
+    train: bool = True
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    max_length: int = 128
+
+
+@dataclass
+class ReferenceConfig:
+    enabled: bool = True
+    name_or_path: Optional[str] = None
+    precompute: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    batch_size: int = 64
+    grad_accumulation_steps: int = 1
+    eval_batch_size: int = 64
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    eval_every: int = 100
+    eval_at_start: bool = True
+    log_every: int = 10
+    save_every: Optional[int] = None
+    save_final: bool = True
+    device: str = "auto"
+    precision: Precision = Precision.fp32
+    show_progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = 128
+    samples_per_prompt: int = 1
+    table_rows: int = 8
+    kl: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerName = LoggerName.none
+    project: str = "dpo_exp"
+    entity: Optional[str] = None
+    mode: str = "online"
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    dir: Optional[str] = None
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    task: TaskConfig = MISSING
+    loss: LossConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    experiment_name: str = "default"
+    seed: int = 0
+    objective: str = "eval/gold_reward"
+
+
+def register_configs() -> None:
+    """Register the top-level schema; conf/config.yaml lists it first in its defaults."""
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """A config that composes but cannot run; the message says what to change."""
+
+
+def needs_reference(loss: LossConfig) -> bool:
+    """Whether training with this loss needs π_ref log-probs."""
+    from dpo_exp.losses import LOSSES_NEEDING_REFERENCE
+
+    name = LossName(loss.name).value
+    return LOSSES_NEEDING_REFERENCE[name] and not loss.reference_free
+
+
+def validate(cfg: Any) -> None:
+    """Checks that need more than one key; raises ConfigError before any model loads."""
+    loss = cfg.loss
+    name = LossName(loss.name).value
+    if loss.beta <= 0:
+        raise ConfigError(f"loss.beta must be > 0 (got {loss.beta}); the DPO paper uses 0.1 (0.5 for TL;DR)")
+    if name in ("cdpo", "rdpo") and not 0 <= loss.label_smoothing < 0.5:
+        raise ConfigError(
+            f"loss.label_smoothing must be in [0, 0.5) for {name} (got {loss.label_smoothing}); "
+            "it is the assumed probability that a preference label is flipped")
+    if loss.reference_free and name not in ("dpo", "cdpo", "rdpo", "ipo", "hinge", "rpo"):
+        raise ConfigError(f"loss.reference_free=true only applies to reference-based losses, not {name}")
+    t = cfg.trainer
+    if t.batch_size <= 0 or t.grad_accumulation_steps <= 0:
+        raise ConfigError("trainer.batch_size and trainer.grad_accumulation_steps must be positive")
+    if t.batch_size % t.grad_accumulation_steps:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} does not divide evenly into "
+            f"trainer.grad_accumulation_steps={t.grad_accumulation_steps} micro-batches; "
+            "pick values whose quotient is a whole number (no examples are ever dropped)")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length={cfg.data.max_prompt_length} leaves no room for a response "
+            f"within data.max_length={cfg.data.max_length}")
+    if needs_reference(loss) and not cfg.reference.enabled:
+        raise ConfigError(
+            f"loss={name} needs a reference model but reference.enabled=false; set "
+            "reference.enabled=true, use loss.reference_free=true, or pick a loss without one (simpo, sft)")
+    if needs_reference(loss) and cfg.reference.name_or_path is None and not _has_initial_policy(cfg):
+        raise ConfigError(
+            f"loss={name} needs a reference model but none is available: set "
+            "reference.name_or_path, model.name_or_path or sft.train=true, or use loss.reference_free=true")
+    for key, path in [("sft.checkpoint", cfg.sft.checkpoint), ("reference.name_or_path", cfg.reference.name_or_path),
+                      ("model.name_or_path", cfg.model.name_or_path)]:
+        if path and _looks_local(path) and not os.path.isdir(path):
+            raise ConfigError(f"{key}={path} is not a folder; give a save_pretrained folder or a hub name")
+    if cfg.optimizer.warmup_steps < 0 or cfg.optimizer.lr <= 0:
+        raise ConfigError("optimizer.lr must be > 0 and optimizer.warmup_steps >= 0")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or os.path.isdir(path)
+
+
+def _has_initial_policy(cfg: Any) -> bool:
+    # π_ref defaults to the initial policy, which exists if any source of weights does
+    return bool(cfg.sft.checkpoint or cfg.sft.train or cfg.model.name_or_path or cfg.model.architecture)

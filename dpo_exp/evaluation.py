@@ -1,0 +1,124 @@
+"""Evaluation shared by every algorithm, so numbers compare across SFT, DPO variants and PPO.
+
+- Preference metrics on held-out pairs: eval/loss, eval/rewards/*, eval/logps/*.
+- Generation on held-out prompts: eval/gold_reward (policy) and eval/gold_reward_ref
+  (π_ref on the same prompts), and the sequence-level KL(π‖π_ref) estimated from policy
+  samples as mean_i Σ_t [log π(y_t|·) − log π_ref(y_t|·)], y ~ π (eval/kl, eval/kl_stderr).
+- A table of prompts with policy and reference samples.
+Sampling uses a fixed seed inside a forked RNG, so every evaluation draws the same noise
+(lower-variance curves) and evaluation never changes the training run's randomness.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from dpo_exp.algorithms import PairLogps
+from dpo_exp.data import TokenizedPair, collate_pairs
+from dpo_exp.models import Samples, autocast, logps_of_samples, sample, sequence_logps
+from dpo_exp.reference import Reference
+
+GoldReward = Callable[[Sequence[str], Sequence[str]], list[float]]  # (prompts, responses) -> rewards
+
+EVAL_TABLE = "eval/samples"
+TABLE_COLUMNS = ("step", "prompt", "policy", "policy_gold_reward", "reference", "reference_gold_reward")
+
+
+@dataclass
+class EvalPrompts:
+    texts: list[str]
+    ids: list[list[int]]
+
+
+class Evaluator:
+    def __init__(self, algorithm, reference: Optional[Reference], pairs: Sequence[TokenizedPair],
+                 prompts: EvalPrompts, tokenizer, gold_reward: Optional[GoldReward], generation, eval_cfg,
+                 batch_size: int, precision: str, seed: int):
+        self.algorithm = algorithm
+        self.reference = reference
+        self.pairs = list(pairs)
+        self.tokenizer = tokenizer
+        self.gold_reward = gold_reward
+        self.generation = generation
+        self.cfg = eval_cfg
+        self.batch_size = batch_size
+        self.precision = precision
+        self.seed = seed
+        n = eval_cfg.samples_per_prompt
+        self.prompt_texts = [t for t in prompts.texts for _ in range(n)]
+        self.prompt_ids = [ids for ids in prompts.ids for _ in range(n)]
+        self._reference_samples: Optional[Samples] = None
+        self._reference_gold: Optional[list[float]] = None
+
+    def __call__(self, policy, step: int) -> tuple[dict, list[list]]:
+        was_training = policy.training
+        policy.eval()
+        metrics = self._pair_metrics(policy) if self.pairs else {}
+        gen_metrics, table = self._generation_metrics(policy, step)
+        metrics.update(gen_metrics)
+        policy.train(was_training)
+        return metrics, table
+
+    @torch.no_grad()
+    def _pair_metrics(self, policy) -> dict:
+        device = next(policy.parameters()).device
+        use_ref = self.reference is not None
+        if use_ref and not self.reference.has_table("eval"):
+            self.reference.precompute("eval", self.pairs, self.tokenizer.pad_token_id, self.batch_size)
+        loss_sum, normaliser, values = 0.0, 0.0, {}
+        for start in range(0, len(self.pairs), self.batch_size):
+            batch = collate_pairs(self.pairs[start:start + self.batch_size], self.tokenizer.pad_token_id)
+            with autocast(device, self.precision):
+                seq = sequence_logps(policy, batch)
+            pol = PairLogps.split(seq, with_rejected=True)
+            ref = self.reference.pair_logps(batch, True, table="eval").to(device) if use_ref else None
+            out = self.algorithm(pol, ref)
+            loss_sum += out.loss.sum().item()
+            normaliser += self.algorithm.normaliser(batch).item()
+            for key, value in out.metrics.items():
+                values.setdefault(key, []).append(value.float().cpu())
+        metrics = {"eval/loss": loss_sum / normaliser}
+        metrics.update({f"eval/{k}": torch.cat(v).mean().item() for k, v in values.items()})
+        return metrics
+
+    def _sample(self, model) -> Samples:
+        g = self.generation
+        with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None):
+            torch.manual_seed(self.seed)
+            return sample(model, self.tokenizer, self.prompt_ids, g.max_new_tokens, g.temperature, g.top_k,
+                          g.top_p, g.batch_size)
+
+    @torch.no_grad()
+    def _generation_metrics(self, policy, step: int) -> tuple[dict, list[list]]:
+        if not self.prompt_ids:
+            return {}, []
+        samples = self._sample(policy)
+        lengths = torch.tensor([len(r) for r in samples.response_ids], dtype=torch.float)
+        metrics = {"eval/response_length": lengths.mean().item()}
+        gold = self.gold_reward(self.prompt_texts, samples.texts) if self.gold_reward else None
+        if gold is not None:
+            metrics["eval/gold_reward"] = sum(gold) / len(gold)
+        if self.reference is not None and self.cfg.kl:
+            pad = self.tokenizer.pad_token_id
+            policy_logps = logps_of_samples(policy, samples, pad, self.batch_size)
+            with self.reference.model() as ref_model:
+                ref_logps = logps_of_samples(ref_model, samples, pad, self.batch_size)
+                if self._reference_samples is None:  # π_ref is fixed: sample it once
+                    self._reference_samples = self._sample(ref_model)
+                    if self.gold_reward:
+                        self._reference_gold = self.gold_reward(self.prompt_texts, self._reference_samples.texts)
+            log_ratio = policy_logps - ref_logps  # (N,) sequence-level log π/π_ref of y ~ π
+            metrics["eval/kl"] = log_ratio.mean().item()
+            metrics["eval/kl_stderr"] = (log_ratio.std().item() / math.sqrt(len(log_ratio))
+                                         if len(log_ratio) > 1 else float("nan"))
+        if self._reference_gold is not None:
+            metrics["eval/gold_reward_ref"] = sum(self._reference_gold) / len(self._reference_gold)
+        rows = []
+        for i in range(min(self.cfg.table_rows, len(samples.texts))):
+            ref_text = self._reference_samples.texts[i] if self._reference_samples else None
+            rows.append([step, self.prompt_texts[i], samples.texts[i], gold[i] if gold else None, ref_text,
+                         self._reference_gold[i] if self._reference_gold else None])
+        return metrics, rows

@@ -1,0 +1,109 @@
+"""Metric sinks. Every run writes metrics.jsonl, samples.jsonl and summary.json into its
+run directory; W&B is an optional second sink behind the same interface (never a patch
+of the wandb module), so `logger=none` simply means "files only".
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN; keep it visible rather than dropping it
+    return value
+
+
+class FileSink:
+    """metrics.jsonl (one object per logging step), samples.jsonl (tables), summary.json."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a")
+        self._samples = open(self.run_dir / "samples.jsonl", "a")
+
+    def log(self, metrics: dict, step: int) -> None:
+        self._metrics.write(json.dumps({"step": step, **{k: _plain(v) for k, v in metrics.items()}}) + "\n")
+        self._metrics.flush()
+
+    def table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        for row in rows:
+            self._samples.write(json.dumps({"table": name, "step": step, **dict(zip(columns, map(_plain, row)))}) + "\n")
+        self._samples.flush()
+
+    def summary(self, summary: dict) -> None:
+        tmp = self.run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps({k: _plain(v) for k, v in summary.items()}, indent=2, sort_keys=True))
+        os.replace(tmp, self.run_dir / "summary.json")
+
+    def finish(self) -> None:
+        self._metrics.close()
+        self._samples.close()
+
+
+class WandbSink:
+    """Weights & Biases: the same metrics, the resolved config, sample tables; one group per multirun."""
+
+    def __init__(self, cfg, run_dir: Path, config: dict, name: str, group: Optional[str]):
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self._wandb = wandb
+        mode = cfg.mode
+        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
+            # no key: never block on a login prompt; keep a syncable offline run instead
+            print("[dpo_exp] no W&B API key found; logging offline (sync later with `wandb sync`)")
+            mode = "offline"
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, mode=mode, group=cfg.group or group, tags=list(cfg.tags),
+            name=name, dir=str(cfg.dir or run_dir), config=config, reinit="finish_previous",
+            settings=wandb.Settings(console="off", silent=True))
+        for split in ("train", "eval"):
+            self.run.define_metric(f"{split}/*", step_metric="step")
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log({"step": step, **{k: _plain(v) for k, v in metrics.items()}})
+
+    def table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        self.run.log({"step": step, name: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def summary(self, summary: dict) -> None:
+        for key, value in summary.items():
+            self.run.summary[key] = _plain(value)
+
+    def finish(self) -> None:
+        self.run.finish()  # before the next multirun job starts, or sweeps hang
+
+
+def _has_netrc_key() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text()
+
+
+class RunLogger:
+    """Fans every call out to the sinks of this run."""
+
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def log(self, metrics: dict, step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
+
+    def table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        for sink in self.sinks:
+            sink.table(name, columns, rows, step)
+
+    def summary(self, summary: dict) -> None:
+        for sink in self.sinks:
+            sink.summary(summary)
+
+    def finish(self) -> None:
+        for sink in self.sinks:
+            sink.finish()

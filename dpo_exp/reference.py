@@ -1,0 +1,84 @@
+"""π_ref as the training loop sees it: log-probs of pairs, from a model or a precomputed table.
+
+Three ways to hold it, chosen by config and by what the algorithm declares:
+- resident: a frozen model kept in memory (the DPO paper's setting);
+- precomputed: log-probs of every training pair computed once before training, after
+  which the model is freed (saves a forward pass per step and a model's memory);
+- on demand: a loss that needs no reference never holds one while training; the model is
+  loaded only for evaluation (KL(π‖π_ref) on policy samples) and freed afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from dpo_exp.algorithms import PairLogps
+from dpo_exp.data import TokenizedPair, collate_pairs
+from dpo_exp.models import SequenceLogps, autocast, sequence_logps
+
+
+class Reference:
+    def __init__(self, load: Callable[[], PreTrainedModel], resident: bool, precision: str = "fp32"):
+        self._load = load
+        self._model: Optional[PreTrainedModel] = load() if resident else None
+        self.resident = resident
+        self.precision = precision
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (chosen, rejected) logps
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[PreTrainedModel]:
+        """The reference model, loaded for the duration of the block if it is not resident."""
+        if self._model is not None:
+            yield self._model
+            return
+        model = self._load()
+        try:
+            yield model
+        finally:
+            del model
+            gc.collect()
+
+    def release(self) -> None:
+        """Free a resident model (after precomputing, or at the end of training)."""
+        self._model = None
+        self.resident = False
+        gc.collect()
+
+    def has_table(self, name: str) -> bool:
+        return name in self._tables
+
+    @torch.no_grad()
+    def precompute(self, name: str, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int) -> None:
+        """Store reference log-probs of `pairs` (by TokenizedPair.index) under `name`."""
+        size = max(p.index for p in pairs) + 1
+        chosen, rejected = torch.zeros(size), torch.zeros(size)
+        with self.model() as model:
+            for start in range(0, len(pairs), batch_size):
+                batch = collate_pairs(pairs[start:start + batch_size], pad_id)
+                logps = self._forward(model, batch)
+                chosen[batch["index"]] = logps.chosen.cpu()
+                rejected[batch["index"]] = logps.rejected.cpu()
+        self._tables[name] = (chosen, rejected)
+
+    @torch.no_grad()
+    def pair_logps(self, batch: dict, with_rejected: bool, table: Optional[str] = None) -> PairLogps:
+        """Reference log-probs of a collated batch: from the table `table` if precomputed, else a forward pass."""
+        if table in self._tables:
+            chosen, rejected = self._tables[table]
+            idx = batch["index"]
+            b = idx.shape[0]
+            lengths = batch["response_mask"].sum(-1)
+            return PairLogps(chosen[idx], rejected[idx] if with_rejected else None, lengths[:b],
+                             lengths[b:] if with_rejected else None)
+        with self.model() as model:
+            return self._forward(model, batch, with_rejected)
+
+    def _forward(self, model: PreTrainedModel, batch: dict, with_rejected: bool = True) -> PairLogps:
+        device = next(model.parameters()).device
+        with autocast(device, self.precision):
+            seq: SequenceLogps = sequence_logps(model, batch)
+        return PairLogps.split(SequenceLogps(seq.logps.float(), seq.lengths), with_rejected)

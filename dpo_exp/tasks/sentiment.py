@@ -1,0 +1,90 @@
+"""Controlled sentiment generation, the DPO paper's IMDb experiment (§6.1), at any scale.
+
+π_SFT is fine-tuned on reviews; prompts are review prefixes of 2–8 tokens; training
+pairs are made by sampling `samples_per_prompt` completions per prompt from π_SFT and
+labelling every pair of them with the gold reward (4 samples → 6 pairs, as the paper).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from dpo_exp.data import PreferencePair, prompt_token_ids
+from dpo_exp.models import load_model, resolve_device, sample, torch_dtype
+from dpo_exp.rewards import gold_reward
+from dpo_exp.tasks.synthetic_reviews import corpus
+
+
+class SentimentTask:
+    name = "sentiment"
+    keep_prompt_end = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        data = cfg.data
+        if data.name != "synthetic_reviews":
+            raise ValueError(f"task=sentiment reads data=synthetic_reviews here, not {data.name!r}")
+        texts = corpus(data.num_train_texts + data.num_eval_texts, seed=cfg.seed)
+        self.train_texts = texts[:data.num_train_texts]
+        self.eval_texts = texts[data.num_train_texts:]
+        self.gold_reward = gold_reward(cfg.task.gold_reward)
+
+    def sft_examples(self) -> list[PreferencePair]:
+        return [PreferencePair(prompt="", chosen=text) for text in self.train_texts]
+
+    def train_tokenizer(self, out_dir: Path) -> None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        specials = ["<pad>", "<s>", "</s>"]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=self.cfg.data.vocab_size, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(self.train_texts, trainer)
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                padding_side="left").save_pretrained(out_dir)
+
+    def _prefixes(self, texts: list[str], n: int, tokenizer, seed: int) -> list[str]:
+        """Prefixes of 2–8 tokens (task.prompt_min_tokens..prompt_max_tokens) of n texts."""
+        rng = random.Random(seed)
+        t = self.cfg.task
+        out = []
+        for text in (texts * (n // max(1, len(texts)) + 1))[:n]:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            k = rng.randint(t.prompt_min_tokens, t.prompt_max_tokens)
+            out.append(tokenizer.decode(ids[:k]))  # exact text, so re-tokenizing gives ids[:k]
+        return out
+
+    def eval_prompts(self, tokenizer) -> list[str]:
+        return self._prefixes(self.eval_texts, self.cfg.eval.num_prompts, tokenizer, seed=self.cfg.seed + 2)
+
+    def preference_pairs(self, sft_dir: Path, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair]]:
+        t = self.cfg.task
+        train_prompts = self._prefixes(self.train_texts, t.num_train_prompts, tokenizer, seed=self.cfg.seed)
+        eval_prompts = self._prefixes(self.eval_texts[::-1], t.num_eval_pair_prompts, tokenizer, seed=self.cfg.seed + 1)
+        policy = load_model(str(sft_dir), torch_dtype(self.cfg.model.policy_dtype), self.cfg.model.attn_implementation)
+        policy.to(resolve_device(self.cfg.trainer.device))
+        return (self._labelled_pairs(policy, tokenizer, train_prompts),
+                self._labelled_pairs(policy, tokenizer, eval_prompts))
+
+    def _labelled_pairs(self, policy, tokenizer, prompts: list[str]) -> list[PreferencePair]:
+        t = self.cfg.task
+        g = t.generation
+        n = t.samples_per_prompt
+        ids = [prompt_token_ids(tokenizer, p) for p in prompts for _ in range(n)]
+        samples = sample(policy, tokenizer, ids, g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.batch_size)
+        rewards = self.gold_reward([p for p in prompts for _ in range(n)], samples.texts)
+        pairs = []
+        for i, prompt in enumerate(prompts):
+            group = list(zip(samples.texts[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n]))
+            for a in range(n):
+                for b in range(a + 1, n):
+                    (text_a, r_a), (text_b, r_b) = group[a], group[b]
+                    if abs(r_a - r_b) < max(t.min_reward_gap, 1e-9) or text_a == text_b:
+                        continue  # a tie carries no preference
+                    chosen, rejected = (text_a, text_b) if r_a > r_b else (text_b, text_a)
+                    pairs.append(PreferencePair(prompt, chosen, rejected))
+        return pairs
