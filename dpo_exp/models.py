@@ -92,7 +92,8 @@ def sequence_logps(model: PreTrainedModel, batch: dict) -> SequenceLogps:
     width = mask.shape[1]
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                 position_ids=batch["position_ids"].to(device), logits_to_keep=width + 1, use_cache=False)
-    logits = out.logits[:, :-1].float()                   # (N, R, V): predictions of the last R tokens
+    logits = out.logits[:, :-1]                          # (N, R, V): predictions of the last R tokens
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
     labels = batch["input_ids"][:, -width:].to(device)    # (N, R)
     token_logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     token_logps = token_logps * mask

@@ -14,10 +14,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from transformers.utils import logging as transformers_logging
 
 from dpo_exp.algorithms import build_algorithm
 from dpo_exp.config import ConfigError, register_configs, validate
-from dpo_exp.data import tokenize_pairs
+from dpo_exp.data import prompt_token_ids, tokenize_pairs
 from dpo_exp.evaluation import EvalPrompts, Evaluator
 from dpo_exp.loggers import FileSink, RunLogger, WandbSink
 from dpo_exp.models import freeze, load_model, load_tokenizer, resolve_device, torch_dtype
@@ -27,6 +28,7 @@ from dpo_exp.tasks import build_task
 from dpo_exp.trainer import Trainer, seed_everything
 
 register_configs()
+transformers_logging.disable_progress_bar()  # one progress bar (ours), not one per weight load
 
 
 def build_logger(cfg, output_dir: Path) -> RunLogger:
@@ -81,7 +83,6 @@ def run(cfg: DictConfig) -> dict:
             reference.precompute("train", train_tok, tokenizer.pad_token_id, cfg.trainer.eval_batch_size)
 
     prompts = list(task.eval_prompts(tokenizer))
-    from dpo_exp.data import prompt_token_ids
     evaluator = Evaluator(
         algorithm, reference, eval_tok, EvalPrompts(prompts, [prompt_token_ids(tokenizer, p) for p in prompts]),
         tokenizer, task.gold_reward, cfg.task.generation, cfg.eval, cfg.trainer.eval_batch_size,

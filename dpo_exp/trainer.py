@@ -102,7 +102,8 @@ class Trainer:
         self.last_eval: dict = {}
 
     # ---- one optimizer step -------------------------------------------------------------
-    def train_step(self, pairs: Sequence[TokenizedPair]) -> dict:
+    def accumulate_gradients(self, pairs: Sequence[TokenizedPair]) -> dict:
+        """Forward and backward over the micro-batches of one step; returns the step's metrics."""
         algo = self.algorithm
         k = min(self.cfg.grad_accumulation_steps, len(pairs))
         micro = [collate_pairs(chunk, self.pad_id, with_rejected=algo.uses_rejected)
@@ -123,15 +124,23 @@ class Trainer:
             loss_total += loss.item()
             for key, value in out.metrics.items():
                 values.setdefault(key, []).append(value.detach().float().cpu())
+        metrics = {f"{self.label}/{k}": torch.cat(v).mean().item() for k, v in values.items()}
+        metrics[f"{self.label}/loss"] = loss_total
+        return metrics
+
+    def optimizer_step(self) -> dict:
+        """Clip, step, advance the schedule; returns grad norm (before clipping) and the lr used."""
         max_norm = self.opt_cfg.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {f"{self.label}/{k}": torch.cat(v).mean().item() for k, v in values.items()}
-        metrics.update({f"{self.label}/loss": loss_total, f"{self.label}/grad_norm": grad_norm.item(),
-                        f"{self.label}/learning_rate": lr})
+        return {f"{self.label}/grad_norm": grad_norm.item(), f"{self.label}/learning_rate": lr}
+
+    def train_step(self, pairs: Sequence[TokenizedPair]) -> dict:
+        metrics = self.accumulate_gradients(pairs)
+        metrics.update(self.optimizer_step())
         return metrics
 
     # ---- the loop -----------------------------------------------------------------------

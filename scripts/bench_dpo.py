@@ -1,0 +1,492 @@
+"""Benchmark: DPO training throughput of dpo_exp against TRL's DPOTrainer, same model, data and settings.
+
+What it measures, per implementation (one row each):
+- pairs/s and s/step over the timed steps (all steps but the first --warmup-steps-excluded),
+  wall time from the end of one optimizer step to the end of the next, so batch fetching,
+  collation, forward/backward, clipping, the optimizer and per-step metrics all count;
+- peak RSS of the process that trained (VmHWM, see `peak_rss_bytes`);
+- the loss of every step, so the parent can check that both compute the same objective.
+
+The fixed configuration (../shared/docs/reference.md §5): a randomly initialised 8.4M-parameter
+Llama (vocab 8192, hidden 256, FFN 1024, 4 layers, 4 heads), 512 synthetic preference pairs
+(prompt 64 words, responses 64–128 words from a seeded pseudo-word list, one token per word),
+batch 8 pairs, max_length 256, β = 0.1, sigmoid DPO, fused AdamW lr 1e-6, constant schedule,
+grad clip 10, dropout off, fp32, no gradient checkpointing, 30 steps, first 5 excluded.
+
+How the comparison is kept fair:
+- The parent builds the fixture once (tokenizer, weights via save_pretrained, pairs, step plan)
+  in a temporary folder; every row then runs in a fresh subprocess of this script that loads
+  it, so both start from identical weights and the peak RSS of one is not polluted by the
+  other (or by the parent).
+- dpo_exp is driven through its real training path: data.tokenize_pairs, algorithms,
+  reference.Reference and trainer.Trainer.train_step, with the step order of Trainer.plan.
+  TRL gets the same pairs, in that order, with a sequential sampler.
+- Nothing is truncated at these lengths (longest sequence 1 + 64 + 129 tokens < 256), so the
+  two truncation rules (dpo_exp: prompt end kept, response cut; TRL 1.16: keep_start on the
+  whole sequence, no max_prompt_length) cannot make the objectives differ; the parent checks it.
+- Same torch thread count in every subprocess (--threads).
+- The losses of every step must agree to --loss-tolerance (fp32): step 1 is log 2 for both
+  (policy == reference), later steps only agree if tokenization, masks, averaging, clipping
+  and the optimizer all match.
+
+Run (from the repository root; a few minutes on 2 CPU cores):
+
+    python scripts/bench_dpo.py                     # dpo_exp fp32 vs TRL fp32
+    python scripts/bench_dpo.py --bf16 --precompute-ref --json bench.json   # extra rows
+    python scripts/bench_dpo.py --impl dpo_exp      # without TRL
+
+TRL is optional (`pip install -e .[bench]`); without it only the dpo_exp rows run.
+This is a benchmark, not a test: it exits non-zero only if the fp32 losses disagree.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as `python scripts/bench_dpo.py` without installing
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Special tokens of the synthetic tokenizer; pad is distinct from EOS (reference.md §4).
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+ROW_ORDER = [("dpo_exp", "fp32"), ("trl", "fp32"), ("dpo_exp", "precompute"), ("trl", "precompute"),
+             ("dpo_exp", "bf16"), ("trl", "bf16")]
+
+
+# ---- fixture: built once by the parent, loaded by every worker ----------------------------
+
+def pseudo_words(count: int, seed: int) -> list[str]:
+    """`count` distinct lowercase pseudo-words (2–4 consonant-vowel syllables), deterministic."""
+    rng = random.Random(seed)
+    consonants, vowels = "bcdfghjklmnprstvwz", "aeiou"
+    words: list[str] = []
+    seen: set[str] = set()
+    while len(words) < count:
+        word = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.randint(2, 4)))
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return words
+
+
+def build_tokenizer(vocab_size: int, seed: int):
+    """A word-level tokenizer with exactly `vocab_size` entries, wrapped for transformers.
+
+    One token per word keeps token counts exact (prompt 64 words = 65 tokens with BOS), and
+    BOS is added by the post-processor, so `add_special_tokens=True` means "BOS only", as for
+    Llama. Special tokens are registered as added tokens, so TRL's "chosen</s>" string (it
+    appends the EOS *text*) still tokenizes to [..., eos_id].
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, UNK, BOS, EOS]
+    words = pseudo_words(vocab_size - len(specials), seed)
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK, bos_token=BOS,
+                                        eos_token=EOS, padding_side="left")
+    assert len(tokenizer) == vocab_size
+    return tokenizer, words
+
+
+def build_pairs(words: list[str], n: int, prompt_words: int, response_words: tuple[int, int], seed: int):
+    """Synthetic preference pairs. Responses start with a space: TRL concatenates prompt + response text."""
+    from dpo_exp.data import PreferencePair
+
+    rng = random.Random(seed)
+
+    def text(k: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(k))
+
+    return [PreferencePair(prompt=text(prompt_words),
+                           chosen=" " + text(rng.randint(*response_words)),
+                           rejected=" " + text(rng.randint(*response_words)))
+            for _ in range(n)]
+
+
+def build_fixture(workdir: Path, settings: dict) -> None:
+    """Tokenizer, initial weights, pairs, step plan and dpo_exp's tokenization, all in `workdir`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from dpo_exp.data import save_pairs, tokenize_pairs
+    from dpo_exp.trainer import batch_plan
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bar
+    tokenizer, words = build_tokenizer(settings["vocab_size"], settings["seed"])
+    tokenizer.save_pretrained(workdir / "tokenizer")
+
+    config = LlamaConfig(
+        vocab_size=settings["vocab_size"], hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
+        attention_dropout=0.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(settings["seed"])
+    model = LlamaForCausalLM(config)
+    settings["parameters"] = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(workdir / "model")  # both implementations load these same weights
+    del model
+
+    pairs = build_pairs(words, settings["pairs"], 64, (64, 128), settings["seed"])
+    save_pairs(pairs, workdir / "pairs.jsonl")
+    tokenized = tokenize_pairs(tokenizer, pairs, settings["max_length"], settings["max_prompt_length"])
+    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in tokenized)
+    longest_prompt = max(len(p.prompt_ids) for p in tokenized)
+    if longest > settings["max_length"] or longest_prompt > settings["max_prompt_length"]:
+        print(f"warning: sequences are truncated (longest {longest} tokens, prompt {longest_prompt}); dpo_exp and "
+              "TRL 1.16 truncate differently, so their losses are not expected to agree", file=sys.stderr)
+    settings["longest_sequence"] = longest
+    # dpo_exp's token ids, for the TRL worker to check that it tokenized identically
+    (workdir / "tokens.json").write_text(json.dumps(
+        [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in tokenized]))
+    # Trainer.plan is this same call (seeded permutation); the dpo_exp worker checks it
+    plan = batch_plan(len(pairs), settings["batch_size"], 1.0, settings["steps"], settings["seed"])
+    (workdir / "plan.json").write_text(json.dumps(plan))
+    (workdir / "settings.json").write_text(json.dumps(settings))
+
+
+# ---- measurement helpers -------------------------------------------------------------------
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process.
+
+    VmHWM (the high-water mark of this process's own address space) rather than
+    getrusage().ru_maxrss: on Linux ru_maxrss survives exec, so a worker started by a parent
+    that already held the fixture would report at least the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def now() -> tuple[float, float]:
+    """(wall, CPU) seconds; CPU time of all this process's threads, to expose contention."""
+    return time.perf_counter(), time.process_time()
+
+
+def timing(step_ends: list[tuple[float, float]], start: tuple[float, float], warmup: int, batch_size: int) -> dict:
+    """pairs/s and s/step from the (wall, CPU) end times of each step, the first `warmup` steps excluded.
+
+    cores_busy is CPU seconds per wall second over the timed steps: about --threads when the
+    process had the machine to itself, lower when something else competed for the cores.
+    """
+    marks = [start] + step_ends
+    timed = marks[warmup:]
+    if len(timed) < 2:
+        raise SystemExit(f"--warmup-steps-excluded={warmup} leaves no step to time; raise --steps")
+    durations = [b[0] - a[0] for a, b in zip(timed, timed[1:])]
+    wall, cpu = timed[-1][0] - timed[0][0], timed[-1][1] - timed[0][1]
+    return {"timed_steps": len(durations), "timed_seconds": wall, "seconds_per_step": wall / len(durations),
+            "median_seconds_per_step": statistics.median(durations),
+            "pairs_per_second": len(durations) * batch_size / wall, "cores_busy": cpu / wall}
+
+
+# ---- workers: one (implementation, variant) per process ------------------------------------
+
+def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
+    """dpo_exp's own training path: tokenize_pairs → Reference → Trainer.train_step, timed per step."""
+    import torch
+
+    from dpo_exp.algorithms import build_algorithm
+    from dpo_exp.config import LossConfig, LossName, OptimizerConfig, OptimizerName, TrainerConfig
+    from dpo_exp.data import load_pairs, tokenize_pairs
+    from dpo_exp.loggers import RunLogger
+    from dpo_exp.models import freeze, load_model
+    from dpo_exp.reference import Reference
+    from dpo_exp.trainer import Trainer, seed_everything
+    from transformers import AutoTokenizer
+
+    seed_everything(settings["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
+    pairs = tokenize_pairs(tokenizer, load_pairs(workdir / "pairs.jsonl"), settings["max_length"],
+                           settings["max_prompt_length"], keep_prompt_end=True)
+    model_dir = str(workdir / "model")
+    precision = "bf16" if variant == "bf16" else "fp32"
+    policy = load_model(model_dir, torch.float32)  # fp32 master weights; bf16 is autocast, as in dpo_exp
+    policy.train()
+
+    setup_start = time.perf_counter()
+    precompute = variant == "precompute"
+    reference = Reference(lambda: freeze(load_model(model_dir, torch.float32)), resident=not precompute,
+                          precision=precision)
+    if precompute:  # one pass over all pairs; the reference model is freed afterwards
+        reference.precompute("train", pairs, tokenizer.pad_token_id, settings["batch_size"])
+    setup_seconds = time.perf_counter() - setup_start
+
+    out_dir = Path(tempfile.mkdtemp(prefix="bench_dpo_exp_"))
+    trainer = Trainer(
+        policy, build_algorithm(LossConfig(name=LossName.dpo, beta=settings["beta"])), pairs,
+        tokenizer.pad_token_id,
+        TrainerConfig(batch_size=settings["batch_size"], max_steps=settings["steps"], show_progress=False,
+                      save_final=False, eval_at_start=False, log_every=10**9, device="cpu", precision=precision),
+        OptimizerConfig(name=OptimizerName.adamw, lr=settings["lr"], warmup_steps=0,
+                        max_grad_norm=settings["max_grad_norm"]),
+        logger=RunLogger([]), output_dir=out_dir, seed=settings["seed"], reference=reference)
+    plan = json.loads((workdir / "plan.json").read_text())
+    if trainer.plan != plan:
+        raise RuntimeError("Trainer.plan differs from the plan given to TRL; the loss comparison would be void")
+
+    losses, step_ends = [], []
+    start = now()
+    for indices in trainer.plan:  # the body of Trainer.fit without its logging and eval
+        metrics = trainer.train_step([trainer.pairs[i] for i in indices])
+        trainer.step += 1
+        step_ends.append(now())
+        losses.append(metrics["train/loss"])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"losses": losses, "setup_seconds": setup_seconds,
+            **timing(step_ends, start, settings["warmup_steps_excluded"], settings["batch_size"])}
+
+
+def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
+    """TRL's DPOTrainer on the same weights and pairs, in the same order, timed with a callback."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's precompute loop reads this, not disable_tqdm
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_exp.data import load_pairs
+
+    class StepTimer(TrainerCallback):
+        """End time of every optimizer step and the loss TRL logs for it (logging_steps=1)."""
+
+        def __init__(self):
+            self.start, self.step_ends, self.losses = None, [], []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.start is None:
+                self.start = now()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_ends.append(now())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    pairs = load_pairs(workdir / "pairs.jsonl")
+    plan = json.loads((workdir / "plan.json").read_text())
+    # Dataset rows in the order dpo_exp visits them, then the unvisited pairs (so that a
+    # precompute covers all pairs, as dpo_exp's does); a sequential sampler keeps the order.
+    order = [i for step in plan for i in step]
+    order += [i for i in range(len(pairs)) if i not in set(order)]
+    dataset = Dataset.from_dict({"prompt": [pairs[i].prompt for i in order],
+                                 "chosen": [pairs[i].chosen for i in order],
+                                 "rejected": [pairs[i].rejected for i in order]})
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32, attn_implementation="sdpa")
+    out_dir = Path(tempfile.mkdtemp(prefix="bench_trl_"))
+    args = DPOConfig(
+        output_dir=str(out_dir), per_device_train_batch_size=settings["batch_size"], gradient_accumulation_steps=1,
+        max_steps=settings["steps"], learning_rate=settings["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=settings["max_grad_norm"], optim="adamw_torch_fused",
+        beta=settings["beta"], loss_type=["sigmoid"], max_length=settings["max_length"],
+        bf16=variant == "bf16", gradient_checkpointing=False,  # DPOConfig defaults both to True
+        precompute_ref_log_probs=variant == "precompute", precompute_ref_batch_size=settings["batch_size"],
+        train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, report_to="none",
+        save_strategy="no", eval_strategy="no", disable_tqdm=True, use_cpu=True, seed=settings["seed"])
+    timer = StepTimer()
+    setup_start = time.perf_counter()  # tokenization (+ reference precompute) happen in the constructor
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[timer])
+    setup_seconds = time.perf_counter() - setup_start
+
+    # TRL tokenizes on its own; check it produced dpo_exp's token ids, row by row
+    expected = json.loads((workdir / "tokens.json").read_text())
+    prepared = trainer.train_dataset
+    mismatched = sum(
+        [p, c, r] != expected[i]
+        for i, p, c, r in zip(order, prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"]))
+
+    trainer.train()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"losses": timer.losses, "setup_seconds": setup_seconds, "tokenization_mismatches": mismatched,
+            **timing(timer.step_ends, timer.start, settings["warmup_steps_excluded"], settings["batch_size"])}
+
+
+def worker(args: argparse.Namespace) -> None:
+    workdir = Path(args.workdir)
+    settings = json.loads((workdir / "settings.json").read_text())
+    import torch
+    torch.set_num_threads(settings["threads"])  # identical for every row
+    run = run_dpo_exp if args.worker == "dpo_exp" else run_trl
+    result = run(workdir, settings, args.variant)
+    result.update(impl=args.worker, variant=args.variant, peak_rss_bytes=peak_rss_bytes(),
+                  threads=torch.get_num_threads())
+    Path(args.json).write_text(json.dumps(result))
+
+
+# ---- parent: build, spawn, report ------------------------------------------------------------
+
+def spawn(impl: str, variant: str, workdir: Path) -> dict:
+    out = workdir / f"result_{impl}_{variant}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--variant", variant,
+           "--workdir", str(workdir), "--json", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+    print(f"  running {impl} {variant} (load average {load:.2f}) ...", end=" ", flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        print("failed")
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        raise SystemExit(f"worker {impl} {variant} exited with {proc.returncode}:\n{tail}")
+    result = json.loads(out.read_text())
+    print(f"{result['pairs_per_second']:.2f} pairs/s")
+    return result
+
+
+def installed_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def compare_losses(a: list[float], b: list[float]) -> dict:
+    n = min(len(a), len(b))
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    if not diffs:
+        return {"steps_compared": 0, "max_abs_diff": math.nan}
+    check = sorted({0, min(9, n - 1), n - 1})  # step 1 (log 2), step 10, last step
+    return {"steps_compared": n, "max_abs_diff": max(diffs), "max_abs_diff_step": diffs.index(max(diffs)) + 1,
+            "at_steps": {str(i + 1): [a[i], b[i]] for i in check}}
+
+
+def report(rows: dict, settings: dict, tolerance: float) -> tuple[dict, bool]:
+    """Print the table, the speed ratios and the loss agreement; return them and whether fp32 losses agree."""
+    gib = 1024 ** 3
+    print()
+    print(f"{settings['parameters'] / 1e6:.1f}M-parameter Llama, {settings['pairs']} pairs, batch "
+          f"{settings['batch_size']}, {settings['steps']} steps ({settings['warmup_steps_excluded']} excluded), "
+          f"{settings['threads']} torch threads, lr {settings['lr']:g}, beta {settings['beta']}")
+    header = f"{'implementation':<22} {'pairs/s':>8} {'s/step':>8} {'median':>7} {'peak RSS':>10} {'setup s':>8} " \
+             f"{'cores':>6} {'loss@1':>9} {'loss@last':>10}"
+    print(header)
+    print("-" * len(header))
+    for (impl, variant), r in rows.items():
+        print(f"{impl + ' ' + variant:<22} {r['pairs_per_second']:>8.2f} {r['seconds_per_step']:>8.3f} "
+              f"{r['median_seconds_per_step']:>7.3f} {r['peak_rss_bytes'] / gib:>6.2f} GiB {r['setup_seconds']:>8.1f} "
+              f"{r['cores_busy']:>6.2f} {r['losses'][0]:>9.6f} {r['losses'][-1]:>10.6f}")
+    print("(s/step: mean over timed steps; median: their median; setup: reference precompute, and TRL's dataset "
+          "tokenization; cores: CPU s per wall s while timed, below the thread count if other processes competed)")
+
+    ratios, agreement, ok = {}, {}, True
+    print()
+    for variant in ("fp32", "precompute", "bf16"):
+        ours, theirs = rows.get(("dpo_exp", variant)), rows.get(("trl", variant))
+        if ours and theirs:
+            ratio = ours["pairs_per_second"] / theirs["pairs_per_second"]
+            ratios[variant] = ratio
+            target = "  (target >= 1.5x: " + ("met" if ratio >= 1.5 else "NOT met") + ")" if variant == "fp32" else ""
+            print(f"speed ratio dpo_exp / TRL, {variant}: {ratio:.2f}x{target}")
+    pairs_to_check = [(("dpo_exp", "fp32"), ("trl", "fp32")), (("dpo_exp", "precompute"), ("trl", "precompute")),
+                      (("dpo_exp", "fp32"), ("dpo_exp", "precompute")), (("dpo_exp", "bf16"), ("trl", "bf16"))]
+    for left, right in pairs_to_check:
+        if left in rows and right in rows:
+            cmp = compare_losses(rows[left]["losses"], rows[right]["losses"])
+            strict = "bf16" not in (left[1], right[1])  # bf16 autocast paths differ by design
+            passed = cmp["max_abs_diff"] <= tolerance
+            ok &= passed or not strict
+            name = f"{' '.join(left)} vs {' '.join(right)}"
+            agreement[name] = {**cmp, "tolerance": tolerance if strict else None, "passed": passed}
+            verdict = ("OK" if passed else "DISAGREE") if strict else "info only (bf16)"
+            at = ", ".join(f"step {k}: {x:.7f} / {y:.7f}" for k, (x, y) in cmp["at_steps"].items())
+            print(f"losses {name}: max |diff| {cmp['max_abs_diff']:.2e} over {cmp['steps_compared']} steps "
+                  f"-> {verdict}  [{at}]")
+    for (impl, variant), r in rows.items():
+        if r.get("tokenization_mismatches"):
+            ok = False
+            print(f"WARNING: TRL {variant} tokenized {r['tokenization_mismatches']} pairs differently from dpo_exp")
+    return {"speed_ratio_dpo_exp_over_trl": ratios, "loss_agreement": agreement}, ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impl", choices=["both", "dpo_exp", "trl"], default="both",
+                        help="which implementations to benchmark")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per implementation")
+    parser.add_argument("--warmup-steps-excluded", type=int, default=5, help="leading steps left out of the timing")
+    parser.add_argument("--batch-size", type=int, default=8, help="preference pairs per optimizer step")
+    parser.add_argument("--pairs", type=int, default=512, help="synthetic preference pairs in the dataset")
+    parser.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (constant)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
+    parser.add_argument("--bf16", action="store_true", help="also run bf16-autocast rows")
+    parser.add_argument("--precompute-ref", action="store_true",
+                        help="also run rows with reference log-probs precomputed before training")
+    parser.add_argument("--loss-tolerance", type=float, default=1e-5, help="max |loss diff| per step, fp32")
+    parser.add_argument("--json", metavar="OUT", help="write all results to this JSON file")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the fixture folder (weights, pairs)")
+    # internal: a worker runs one row in its own process and writes its result to --json
+    parser.add_argument("--worker", choices=["dpo_exp", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["fp32", "bf16", "precompute"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+    impls = ["dpo_exp", "trl"] if args.impl == "both" else [args.impl]
+    if "trl" in impls and importlib.util.find_spec("trl") is None:
+        print("TRL is not installed, so only dpo_exp is measured; for the comparison run: pip install -e .[bench]")
+        impls.remove("trl")
+        if not impls:
+            raise SystemExit(1)
+    variants = ["fp32"] + (["precompute"] if args.precompute_ref else []) + (["bf16"] if args.bf16 else [])
+
+    settings = {"steps": args.steps, "warmup_steps_excluded": args.warmup_steps_excluded,
+                "batch_size": args.batch_size, "pairs": args.pairs, "lr": args.lr, "beta": 0.1,
+                "max_grad_norm": 10.0, "max_length": 256, "max_prompt_length": 128, "vocab_size": 8192, "seed": 0,
+                "threads": args.threads or torch.get_num_threads(),
+                "versions": {name: installed_version(name) for name in ("torch", "transformers", "trl")}}
+    workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
+    try:
+        print(f"building the fixture in {workdir}")
+        build_fixture(workdir, settings)
+        rows = {}
+        for impl, variant in ROW_ORDER:
+            if impl in impls and variant in variants:
+                rows[(impl, variant)] = spawn(impl, variant, workdir)
+        summary, ok = report(rows, settings, args.loss_tolerance)
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"settings": settings, "rows": [r for r in rows.values()], **summary}, indent=2))
+            print(f"\nresults written to {args.json}")
+    finally:
+        if args.keep_workdir:
+            print(f"fixture kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture
+def tiny_lm():
+    """A 2-layer Llama in float64 with a perturbed copy as policy, so policy ≠ reference."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    ref = LlamaForCausalLM(config).double().eval()
+    policy = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy, ref
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One cache for the session's end-to-end runs: π_SFT is trained once, as in a sweep."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path, shared_cache):
+    """Compose the real config with debug=smoke (a tiny budget) into a fresh run directory."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dpo_exp.config import register_configs
+
+    register_configs()
+
+    def make(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["debug=smoke", f"paths.cache_dir={shared_cache}",
+                                               f"paths.output_dir={tmp_path / 'run'}", *overrides])
+        OmegaConf.resolve(cfg)
+        return cfg
+
+    return make
+
+
+def read_jsonl(path):
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_wandb_records(path):
+    """Records of an offline W&B run file (.wandb): a 7-byte header, then LevelDB-log blocks
+    of 32 KiB holding protobuf `Record`s split into FULL/FIRST/MIDDLE/LAST fragments."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # block trailer too small for a header: skip to the next block
+            pos += room
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment: a record is complete
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

@@ -1,0 +1,55 @@
+"""The SFT cache: built once, never seen half-written, safe under concurrent jobs."""
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import pytest
+
+from dpo_exp.cache import COMPLETE, get_or_build
+
+
+def _build_slowly(cache_dir: str, log: str, out_q) -> None:
+    def build(folder: Path) -> None:
+        with open(log, "a") as handle:
+            handle.write("built\n")
+        time.sleep(1.0)  # long enough for the other job to arrive while this one builds
+        (folder / "model.txt").write_text("weights")
+
+    out_q.put(str(get_or_build(cache_dir, "sft", {"seed": 0}, build)))
+
+
+def test_two_jobs_at_once_build_one_entry(tmp_path):
+    log = tmp_path / "log"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    jobs = [ctx.Process(target=_build_slowly, args=(str(tmp_path / "cache"), str(log), queue)) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(60)
+    paths = {queue.get(timeout=5), queue.get(timeout=5)}
+    assert log.read_text() == "built\n"
+    assert len(paths) == 1
+    folder = Path(paths.pop())
+    assert (folder / "model.txt").read_text() == "weights" and (folder / COMPLETE).exists()
+
+
+def test_a_failed_build_leaves_nothing_behind_and_is_retried(tmp_path):
+    def broken(folder: Path) -> None:
+        (folder / "half.bin").write_text("partial")
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        get_or_build(tmp_path, "sft", {"k": 1}, broken)
+    assert not [p for p in (tmp_path / "sft").iterdir() if p.is_dir()]
+    calls = []
+    folder = get_or_build(tmp_path, "sft", {"k": 1}, lambda f: calls.append(f))
+    assert calls and (folder / COMPLETE).exists()
+    get_or_build(tmp_path, "sft", {"k": 1}, lambda f: calls.append(f))
+    assert len(calls) == 1  # found, not rebuilt
+
+
+def test_different_settings_get_different_entries(tmp_path):
+    a = get_or_build(tmp_path, "sft", {"seed": 0}, lambda f: None)
+    b = get_or_build(tmp_path, "sft", {"seed": 1}, lambda f: None)
+    assert a != b

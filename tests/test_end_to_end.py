@@ -1,0 +1,145 @@
+"""Whole runs through the real config and entry point, on the debug=smoke budget
+(and the full default experiment, marked slow)."""
+import glob
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, read_jsonl, read_wandb_records
+from dpo_exp import train as train_module
+from dpo_exp.config import ConfigError
+from dpo_exp.losses import LOSSES_NEEDING_REFERENCE
+
+TRAIN_KEYS = {"train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
+              "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected", "train/grad_norm",
+              "train/learning_rate", "train/pairs_per_second"}
+EVAL_KEYS = {"eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins",
+             "eval/rewards/accuracies", "eval/logps/chosen", "eval/logps/rejected", "eval/kl", "eval/kl_stderr",
+             "eval/gold_reward", "eval/gold_reward_ref"}
+TIMING_KEYS = {"train/pairs_per_second", "train/tokens_per_second", "eval/seconds", "wall_seconds"}
+
+
+def logged_keys(run_dir: Path) -> set:
+    return {k for row in read_jsonl(run_dir / "metrics.jsonl") for k in row}
+
+
+def test_smoke_run_writes_metrics_summary_samples_and_a_loadable_checkpoint(smoke_cfg):
+    from transformers import AutoModelForCausalLM
+
+    cfg = smoke_cfg()
+    summary = train_module.run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    assert TRAIN_KEYS | EVAL_KEYS <= logged_keys(run_dir)
+    assert all("step" in row for row in read_jsonl(run_dir / "metrics.jsonl"))
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert EVAL_KEYS <= set(on_disk) and on_disk["steps"] == 4 == summary["steps"]
+    samples = read_jsonl(run_dir / "samples.jsonl")
+    assert samples and {"prompt", "policy", "reference", "step"} <= set(samples[0])
+    final = run_dir / "checkpoints" / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    state = torch.load(final / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4 and state["optimizer"]["state"] and "last_epoch" in state["scheduler"]
+
+
+def test_kl_is_zero_before_training_and_positive_after(smoke_cfg):
+    cfg = smoke_cfg("optimizer.lr=1e-2", "optimizer.warmup_steps=0")
+    train_module.run(cfg)
+    evals = [row for row in read_jsonl(Path(cfg.paths.output_dir) / "metrics.jsonl") if "eval/kl" in row]
+    assert evals[0]["step"] == 0 and evals[0]["eval/kl"] == 0.0
+    assert evals[-1]["eval/kl"] > 0
+
+
+def test_the_same_seed_repeats_the_run_exactly(smoke_cfg, tmp_path):
+    rows = []
+    for name in ("a", "b"):
+        cfg = smoke_cfg(f"paths.output_dir={tmp_path / name}")
+        train_module.run(cfg)
+        rows.append([{k: v for k, v in r.items() if k not in TIMING_KEYS}
+                     for r in read_jsonl(tmp_path / name / "metrics.jsonl")])
+    assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES_NEEDING_REFERENCE))
+def test_every_loss_trains_by_name(smoke_cfg, loss, monkeypatch):
+    resident_flags = []
+    real_init = train_module.Reference.__init__
+
+    def spy(self, load, resident, precision="fp32"):
+        resident_flags.append(resident)
+        real_init(self, load, resident, precision)
+
+    monkeypatch.setattr(train_module.Reference, "__init__", spy)
+    cfg = smoke_cfg(f"loss={loss}")
+    summary = train_module.run(cfg)
+    rows = [r for r in read_jsonl(Path(cfg.paths.output_dir) / "metrics.jsonl") if "train/loss" in r]
+    assert rows and all(math.isfinite(r["train/loss"]) for r in rows)
+    assert resident_flags == [LOSSES_NEEDING_REFERENCE[loss]]  # no reference held while training when none is needed
+    assert "eval/kl" in summary  # still measured the same way: π_ref is loaded for evaluation only
+
+
+def test_precomputed_reference_gives_the_same_training(smoke_cfg, tmp_path):
+    losses = []
+    for name, precompute in (("resident", "false"), ("precomputed", "true")):
+        cfg = smoke_cfg(f"reference.precompute={precompute}", f"paths.output_dir={tmp_path / name}")
+        train_module.run(cfg)
+        losses.append([r["train/loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "train/loss" in r])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_main_returns_the_objective_for_sweepers(smoke_cfg):
+    value = train_module.main.__wrapped__(smoke_cfg("objective=eval/kl"))
+    assert isinstance(value, float)
+    with pytest.raises(ConfigError, match="not in summary.json"):
+        train_module.main.__wrapped__(smoke_cfg("objective=eval/no_such_metric"))
+
+
+def test_offline_wandb_run_holds_the_logged_metrics_and_config(smoke_cfg, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = smoke_cfg("logger=wandb", "logger.mode=offline")
+    train_module.run(cfg)
+    files = glob.glob(str(Path(cfg.paths.output_dir) / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    records = read_wandb_records(files[0])
+    history = {item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+               for item in r.history.item}
+    assert TRAIN_KEYS | EVAL_KEYS <= history
+    assert any(k.startswith("eval/samples") for k in history)  # the sample table
+    config_keys = {item.key for r in records if r.WhichOneof("record_type") == "run" for item in r.run.config.update}
+    assert {"loss", "model", "optimizer", "trainer"} <= config_keys
+    assert any(r.WhichOneof("record_type") == "exit" for r in records)  # finished, not left open
+
+
+@pytest.mark.slow
+def test_multirun_beta_sweep_trains_sft_once(tmp_path):
+    cmd = [sys.executable, "-m", "dpo_exp.train", "-m", "loss.beta=0.1,0.5", "debug=smoke",
+           f"paths.root_dir={tmp_path}", "logger=wandb", "logger.mode=offline"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted(glob.glob(str(tmp_path / "outputs" / "multirun" / "*" / "*" / "*" / "summary.json")))
+    assert len(summaries) == 2
+    assert [json.loads(Path(s).read_text())["steps"] for s in summaries] == [4, 4]
+    assert len([p for p in (tmp_path / "outputs" / "cache" / "sft").iterdir() if p.is_dir()]) == 1
+    assert proc.stdout.count("training π_SFT") == 1
+    groups = set()
+    for run_file in glob.glob(str(tmp_path / "outputs" / "multirun" / "*" / "*" / "*" / "wandb" / "*" / "run-*.wandb")):
+        groups |= {r.run.run_group for r in read_wandb_records(run_file) if r.WhichOneof("record_type") == "run"}
+    assert len(groups) == 1 and groups.pop()  # both jobs in one W&B group
+
+
+@pytest.mark.slow
+def test_default_experiment_raises_gold_reward_over_sft(tmp_path):
+    """The README's default run, unchanged: DPO must end clearly above π_SFT on gold reward."""
+    proc = subprocess.run([sys.executable, "-m", "dpo_exp.train", f"paths.root_dir={tmp_path}",
+                           "trainer.show_progress=false"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(next((tmp_path / "outputs" / "runs").rglob("summary.json")).read_text())
+    assert summary["eval/gold_reward"] > summary["eval/gold_reward_ref"] + 0.1
+    assert summary["eval/rewards/accuracies"] > 0.6
+    assert summary["eval/kl"] > 0
+    assert "gold reward" in proc.stdout

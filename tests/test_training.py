@@ -1,0 +1,87 @@
+"""The pieces of the loop a researcher relies on: log-probs, batching, accumulation, schedule."""
+import torch
+import torch.nn.functional as F
+
+from dpo_exp.algorithms import build_algorithm
+from dpo_exp.config import LossConfig, LossName, OptimizerConfig, Schedule, TrainerConfig
+from dpo_exp.data import TokenizedPair, collate_pairs, collate_sequences
+from dpo_exp.loggers import RunLogger
+from dpo_exp.models import sequence_logps
+from dpo_exp.reference import Reference
+from dpo_exp.trainer import Trainer, batch_plan, lr_multiplier
+
+
+def test_left_padded_layout_puts_responses_in_the_last_columns():
+    batch = collate_sequences([[1, 5], [1, 5, 6]], [[7, 2], [8, 9, 2]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[0, 0, 1, 5, 7, 2], [1, 5, 6, 8, 9, 2]]
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+    assert batch["response_mask"].tolist() == [[False, True, True], [True, True, True]]
+
+
+def test_sequence_logps_equal_an_unpadded_forward(tiny_lm):
+    model, _ = tiny_lm
+    prompts, responses = [[1, 5], [1, 5, 6, 7]], [[7, 9, 2], [8, 2]]
+    batched = sequence_logps(model, collate_sequences(prompts, responses, pad_id=0))
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids = torch.tensor([p + r])
+        logits = model(ids).logits[0, len(p) - 1:-1]          # predictions of the response tokens
+        expected = F.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None]).sum()
+        torch.testing.assert_close(batched.logps[i], expected, rtol=1e-6, atol=1e-6)
+        assert batched.lengths[i].item() == len(r)
+
+
+def test_batch_plan_keeps_every_example_and_reshuffles_each_epoch():
+    plan = batch_plan(10, batch_size=4, epochs=2, max_steps=None, seed=0)
+    assert [len(b) for b in plan] == [4, 4, 4, 4, 4]
+    flat = [i for b in plan for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert flat[:10] != flat[10:]
+    assert [len(b) for b in batch_plan(10, 4, 1, None, 0)] == [4, 4, 2]  # remainder kept, not dropped
+
+
+def test_warmup_is_linear_from_zero_then_schedule():
+    assert lr_multiplier(0, 4, 100, Schedule.constant) == 1 / 5
+    assert lr_multiplier(3, 4, 100, Schedule.constant) == 4 / 5
+    assert lr_multiplier(50, 4, 100, Schedule.constant) == 1.0
+    assert lr_multiplier(4, 4, 104, Schedule.linear) == 1.0
+    assert abs(lr_multiplier(54, 4, 104, Schedule.linear) - 0.5) < 1e-9
+    assert abs(lr_multiplier(104, 4, 104, Schedule.cosine)) < 1e-9
+
+
+def _pairs():
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(3, 32, (n,), generator=g).tolist()  # noqa: E731
+    return [TokenizedPair(i, [1] + rand(2 + i % 3), rand(2 + i % 4) + [2], rand(1 + i % 5) + [2]) for i in range(6)]
+
+
+def _grads_after_one_step(tiny_lm, loss_name, accumulation):
+    import copy
+
+    policy, ref = copy.deepcopy(tiny_lm[0]), tiny_lm[1]
+    algorithm = build_algorithm(LossConfig(name=LossName(loss_name), beta=0.1))
+    reference = Reference(lambda: ref, resident=True)
+    trainer = Trainer(policy, algorithm, _pairs(), 0, TrainerConfig(batch_size=6, grad_accumulation_steps=accumulation,
+                      show_progress=False), OptimizerConfig(lr=1e-3, warmup_steps=0, max_grad_norm=0.0),
+                      RunLogger([]), "/tmp/unused", seed=0, reference=reference)
+    metrics = trainer.accumulate_gradients(_pairs())
+    return [p.grad.clone() for p in policy.parameters()], metrics
+
+
+def test_gradient_accumulation_equals_one_large_batch(tiny_lm):
+    for loss in ("dpo", "sft"):  # per-pair mean and per-token mean
+        full, m1 = _grads_after_one_step(tiny_lm, loss, 1)
+        accumulated, m3 = _grads_after_one_step(tiny_lm, loss, 3)
+        for a, b in zip(full, accumulated):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        assert abs(m1["train/loss"] - m3["train/loss"]) < 1e-10
+
+
+def test_sft_loss_is_per_token_nll_of_chosen(tiny_lm):
+    policy = tiny_lm[0]
+    pairs = _pairs()
+    _, metrics = _grads_after_one_step(tiny_lm, "sft", 2)
+    batch = collate_pairs(pairs, 0, with_rejected=False)
+    with torch.no_grad():
+        out = sequence_logps(policy, batch)
+    assert abs(metrics["train/loss"] - (-out.logps.sum() / out.lengths.sum()).item()) < 1e-10
