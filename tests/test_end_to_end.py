@@ -143,3 +143,21 @@ def test_default_experiment_raises_gold_reward_over_sft(tmp_path):
     assert summary["eval/rewards/accuracies"] > 0.6
     assert summary["eval/kl"] > 0
     assert "gold reward" in proc.stdout
+
+
+def test_a_given_sft_checkpoint_is_used_instead_of_training(smoke_cfg, tmp_path, capsys):
+    first = smoke_cfg(f"paths.output_dir={tmp_path / 'first'}")
+    train_module.run(first)
+    capsys.readouterr()
+    checkpoint = tmp_path / "first" / "checkpoints" / "final"
+    cfg = smoke_cfg(f"sft.checkpoint={checkpoint}", f"paths.cache_dir={tmp_path / 'empty_cache'}",
+                    f"paths.output_dir={tmp_path / 'second'}")
+    summary = train_module.run(cfg)
+    assert summary["sft_policy"] == str(checkpoint)
+    assert not (tmp_path / "empty_cache" / "sft").exists()  # nothing trained
+    assert "training π_SFT" not in capsys.readouterr().out
+
+
+def test_bf16_autocast_runs_with_float32_log_probs(smoke_cfg):
+    summary = train_module.run(smoke_cfg("trainer.precision=bf16"))
+    assert math.isfinite(summary["eval/loss"])

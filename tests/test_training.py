@@ -85,3 +85,18 @@ def test_sft_loss_is_per_token_nll_of_chosen(tiny_lm):
     with torch.no_grad():
         out = sequence_logps(policy, batch)
     assert abs(metrics["train/loss"] - (-out.logps.sum() / out.lengths.sum()).item()) < 1e-10
+
+
+def test_dropout_is_off_in_models_we_build():
+    from dpo_exp.models import new_model
+
+    class Tok:  # the four things new_model reads from a tokenizer
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __len__(self):
+            return 50
+
+    model = new_model({"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2, "resid_pdrop": 0.3,
+                       "embd_pdrop": 0.3, "attn_pdrop": 0.3}, Tok(), torch.float32, "eager")
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.0 for m in dropouts)
