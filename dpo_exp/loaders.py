@@ -1,0 +1,697 @@
+"""Dataset loaders: the DPO paper's datasets and users' own files, read the way the paper's
+authors read them (eric-mitchell/direct-preference-optimization, `preference_datasets.py`),
+with every row validated before anything is returned.
+
+Public API
+----------
+``load(name, *, path=None, hub_name=None, split="train", hub_config=None, on_invalid="skip",
+tokenizer=None, min_score_ratio=None, kind="pairs") -> LoadResult``
+    ``name`` is one of ``hh``, ``shp``, ``tldr``, ``imdb``, ``ultrafeedback``, ``pairs``. A local
+    ``path`` takes precedence over ``hub_name`` (``HUB_NAMES`` lists the usual hub copies; nothing
+    is downloaded unless a hub name is given). ``kind="pairs"`` gives preference pairs,
+    ``kind="sft"`` gives SFT examples ``PreferencePair(prompt, chosen=target, rejected="")``.
+``read_rows(path) -> Iterator[(number, row)]``
+    Rows of a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, each optionally ``.gz``.
+    ``number`` is the 1-based *line* of the row for JSONL and CSV (a CSV record can span lines;
+    its first line is given, the header being line 1) and the 1-based *row* for JSON and parquet.
+``hub_rows(hub_name, split, config=None, **load_kwargs) -> Iterator[(number, row)]``
+    ``datasets.load_dataset(hub_name, config, split=split, **load_kwargs)``, rows numbered from 1.
+``check_lengths(pairs, tokenizer, max_length, max_prompt_length, keep_prompt_end=True)``
+    ``-> (kept_pairs, skipped_counts)``: drops pairs whose prompt, truncated as
+    `dpo_exp.data.tokenize_pair` truncates it, leaves no room for a response token.
+``LoadResult(pairs, skipped, source, rows)``; ``LoadResult.summary()`` is one line for logs.
+``DataFileError(ValueError)``: a file that does not parse, a chat row without a chat template, or an
+    invalid row with ``on_invalid="error"``. The message names the file (or hub name and split), the
+    line or row, and the field: ``train.jsonl: line 17: field 'chosen': empty text``.
+
+Validation
+----------
+Every row is checked for missing keys, non-string or empty (whitespace-only) text and a chosen
+response identical to the rejected one (compared without surrounding whitespace), plus the
+dataset's own structure. ``on_invalid="skip"`` skips the row and counts it in
+``LoadResult.skipped`` under one reason; ``on_invalid="error"`` raises at the first invalid row.
+Reasons (``<field>`` is the column):
+
+=========================  ===================================================================
+``missing_key:<field>``    the column is absent (a null value counts as ``not_a_string``)
+``not_a_string:<field>``   text expected, something else found
+``empty:<field>``          empty or whitespace-only text (for hh: the response after the prompt)
+``chosen_equals_rejected`` the two responses are the same text
+``no_assistant_turn``      hh: ``chosen`` has no ``"\\n\\nAssistant:"``
+``no_shared_prefix``       hh: ``rejected`` does not start with the prompt taken from ``chosen``;
+                           chat rows: a response's messages do not start with the prompt's
+``bad_messages:<field>``   chat rows: not a list of ``{role, content}`` messages, not exactly one
+                           assistant message after the prompt, or refused by the chat template
+``bad_value:<field>``      shp ``labels`` not 0/1 or a score not a positive number; tldr
+                           ``preferred`` not ``reference``/``ours``
+=========================  ===================================================================
+
+Filters drop rows by design, not as defects: they are counted in ``skipped`` but never raise,
+whatever ``on_invalid`` says: ``low_score_ratio`` (shp), ``no_preference`` (tldr rows without a
+verdict, pairs only), ``duplicate_prompt`` (hh and shp SFT: one example per prompt, see below)
+and, from ``check_lengths``, ``prompt_too_long``. Always ``rows == len(pairs) + sum(skipped)``.
+If rows were read but not one is usable, and not because of a filter, ``load`` raises
+``DataFileError`` with the reasons and the first row's columns (most likely the wrong ``name`` for
+the file), whatever ``on_invalid`` says.
+
+Formats
+-------
+``hh`` (Anthropic/hh-rlhf): ``chosen`` and ``rejected`` are whole transcripts with turns
+    ``"\\n\\nHuman: …"`` / ``"\\n\\nAssistant: …"``. The prompt is ``chosen`` up to and including
+    its last ``"\\n\\nAssistant:"`` (the authors' ``extract_anthropic_prompt``); ``rejected`` must
+    start with the same prompt (the authors did not check). Responses are what follows, leading
+    space kept (``" Sure, …"``). SFT: one example per prompt whose target is the chosen response of
+    the *last* row with that prompt (the authors keep a dict keyed by prompt and overwrite it).
+``shp`` (stanfordnlp/SHP): prompt ``"\\n\\nHuman: " + history + "\\n\\nAssistant:"`` and
+    responses ``" " + human_ref_A`` / ``" " + human_ref_B``, exactly as the authors' ``get_shp``;
+    ``labels == 1`` means A is preferred. With ``min_score_ratio`` (the authors used 2) a row with
+    ``score_A``/``score_B`` is kept only if max/min ≥ the ratio; rows without scores are kept.
+    SFT: one example per prompt, target the highest-scoring preferred response (the authors'
+    ``sft_target``), or the first row's preferred response when there are no scores. Histories
+    already written as ``HUMAN: …\\n\\nASSISTANT: …`` (HH repacked as SHP) are wrapped all the
+    same, so their prompts read ``"\\n\\nHuman: HUMAN: …\\n\\nAssistant:"``.
+``tldr``: (a) CarperAI/openai_summarize_comparisons, ``prompt`` / ``chosen`` / ``rejected``, whose
+    responses begin ``"TL;DR: "`` and whose prompt does not end with it (CarperAI's own trlx code
+    reads ``prompt + " TL;DR:"`` and ``chosen[7:]``): the marker is moved to the end of the prompt,
+    on a new line, so the prompt ends ``"\\nTL;DR:"`` and the response keeps its space. SFT target:
+    ``chosen``. (b) the OpenAI-format judged file (``query`` ending ``"TL;DR:"``,
+    ``reference_responses``, ``postprocessed_response``, ``preferred`` ∈ {reference, ours, ""}):
+    rows with a verdict give pairs, rows without are filtered (``no_preference``); every row gives
+    an SFT example, query → reference summary. Both layouts: a summary that does not start with
+    whitespace gets a leading space. The layout is told per row by the ``query`` column.
+``imdb``: ``text`` (``label`` is not used). Only ``kind="sft"``: ``PreferencePair("", text)`` with
+    ``"<br />"`` replaced by a space; the 2–8-token prompts are cut elsewhere.
+``ultrafeedback`` / ``pairs``: ``prompt``, ``chosen``, ``rejected``, either plain strings, taken
+    verbatim (no template, no separator added), or chat style: ``prompt`` a string (one user
+    message) or a list of ``{role, content}`` messages, or absent (TRL's implicit prompt: the
+    messages ``chosen`` and ``rejected`` share from the start); ``chosen``/``rejected`` a list of
+    messages, either the whole conversation (HuggingFaceH4/ultrafeedback_binarized) or only the
+    assistant turn, or a string. The prompt is rendered with
+    ``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``; a
+    response is the content of the one assistant message after the prompt's messages. Chat rows
+    need a tokenizer with a chat template. Note that templates which write the BOS token as text
+    (Llama 3) give a second BOS once `dpo_exp.data.prompt_token_ids` adds special tokens.
+
+Responses are never given EOS here; tokenization appends it (`dpo_exp.data`).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+import os
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from dpo_exp.data import PreferencePair, prompt_token_ids
+
+__all__ = ["DataFileError", "LoadResult", "NAMES", "HUB_NAMES", "load", "read_rows", "hub_rows",
+           "check_lengths"]
+
+NAMES = ("hh", "shp", "tldr", "imdb", "ultrafeedback", "pairs")
+
+# Where each dataset usually comes from; load() never downloads unless hub_name is given.
+HUB_NAMES = {
+    "hh": "Anthropic/hh-rlhf",
+    "shp": "stanfordnlp/SHP",
+    "tldr": "CarperAI/openai_summarize_comparisons",
+    "imdb": "stanfordnlp/imdb",
+    "ultrafeedback": "trl-lib/ultrafeedback_binarized",
+}
+
+ASSISTANT_TURN = "\n\nAssistant:"
+TLDR_MARKER = "TL;DR:"
+ON_INVALID = ("skip", "error")
+KINDS = ("pairs", "sft")
+FILTERS = frozenset({"low_score_ratio", "no_preference"})  # rows dropped by design, never an error
+
+
+class DataFileError(ValueError):
+    """A file that does not parse, or an invalid row under on_invalid="error"."""
+
+
+@dataclass
+class LoadResult:
+    pairs: list[PreferencePair]
+    skipped: dict[str, int]   # reason -> rows dropped for it
+    source: str               # path, or hub name and split
+    rows: int = 0             # rows read; rows == len(pairs) + sum(skipped.values())
+
+    def summary(self) -> str:
+        dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped.items()))
+        return (f"{self.source}: {self.rows} rows -> {len(self.pairs)} kept"
+                + (f"; skipped {sum(self.skipped.values())} ({dropped})" if self.skipped else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _file_format(path: str) -> tuple[str, bool]:
+    name = path.lower()
+    compressed = name.endswith(".gz")
+    if compressed:
+        name = name[:-3]
+    for fmt in ("jsonl", "json", "csv", "parquet"):
+        if name.endswith("." + fmt):
+            return fmt, compressed
+    raise DataFileError(f"{path}: unsupported file type; expected .jsonl, .json, .csv or .parquet, "
+                        "each optionally .gz")
+
+
+def _line_numbered(path: str) -> bool:
+    return _file_format(str(path))[0] in ("jsonl", "csv")
+
+
+def _open_binary(path: str, compressed: bool):
+    return gzip.open(path, "rb") if compressed else open(path, "rb")
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+def read_rows(path) -> Iterator[tuple[int, dict]]:
+    """Rows of a local file: .jsonl/.json/.parquet/.csv, each optionally .gz; yields (number, row).
+
+    The file type and existence are checked at once; parse errors surface while iterating, as
+    one DataFileError naming the file and line (or row).
+    """
+    path = str(path)
+    fmt, compressed = _file_format(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    reader = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[fmt]
+    return _guarded(path, reader(path, compressed))
+
+
+def _guarded(path: str, rows: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+    # A truncated or mislabelled .gz only fails once read; say which file rather than letting
+    # gzip's internals surface.
+    try:
+        yield from rows
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DataFileError(f"{path}: not a readable gzip file ({err})") from None
+    except UnicodeDecodeError as err:
+        raise DataFileError(f"{path}: not UTF-8 text ({err.reason})") from None
+
+
+def _jsonl_rows(path: str, compressed: bool) -> Iterator[tuple[int, dict]]:
+    # Bytes, split on b"\n" only: JSON strings cannot hold a raw newline, so each line is one
+    # record, and decoding per line lets a bad byte be reported with its line.
+    with _open_binary(path, compressed) as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFileError(f"{path}: line {number}: not UTF-8 text ({err.reason})") from None
+            if number == 1:
+                line = line.lstrip("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFileError(f"{path}: line {number}: not valid JSON: {err.msg} "
+                                    f"(column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataFileError(f"{path}: line {number}: expected a JSON object, got {_json_type(row)}")
+            yield number, row
+
+
+def _json_rows(path: str, compressed: bool) -> Iterator[tuple[int, dict]]:
+    with _open_binary(path, compressed) as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataFileError(f"{path}: not UTF-8 text ({err.reason})") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":
+            # JSON Lines under a .json name, as datasets' Dataset.to_json writes by default.
+            yield from _jsonl_rows(path, compressed)
+            return
+        raise DataFileError(f"{path}: line {err.lineno}: not valid JSON: {err.msg} "
+                            f"(column {err.colno})") from None
+    if isinstance(doc, dict):
+        doc = doc["data"] if isinstance(doc.get("data"), list) else [doc]  # one-line JSON Lines
+    if not isinstance(doc, list):
+        raise DataFileError(f"{path}: expected a list of objects or {{\"data\": [...]}}, got {_json_type(doc)}")
+    for number, row in enumerate(doc, 1):
+        if not isinstance(row, dict):
+            raise DataFileError(f"{path}: row {number}: expected a JSON object, got {_json_type(row)}")
+        yield number, row
+
+
+def _csv_rows(path: str, compressed: bool) -> Iterator[tuple[int, dict]]:
+    # csv.reader rather than DictReader: quoted fields span lines (TL;DR posts do), and
+    # reader.line_num is what gives the record's first line; DictReader hides blank lines and
+    # pads or nests short and long records instead of reporting them.
+    opener = gzip.open if compressed else open
+    with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise DataFileError(f"{path}: line 1: not valid CSV: {err}") from None
+        while True:
+            start = reader.line_num + 1
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                raise DataFileError(f"{path}: line {start}: not valid CSV: {err}") from None
+            if not record:  # a blank line
+                continue
+            if len(record) != len(header):
+                raise DataFileError(f"{path}: line {start}: {len(record)} fields, but the header "
+                                    f"has {len(header)}")
+            yield start, dict(zip(header, record))
+
+
+def _parquet_rows(path: str, compressed: bool) -> Iterator[tuple[int, dict]]:
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError("reading parquet files needs pyarrow: pip install pyarrow") from err
+    if compressed:  # parquet needs random access; a gzipped one is read into memory first
+        with gzip.open(path, "rb") as handle:
+            source: Any = io.BytesIO(handle.read())
+    else:
+        source = path
+    try:
+        table = pq.ParquetFile(source)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DataFileError(f"{path}: not a valid parquet file ({err})") from None
+    number = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def hub_rows(hub_name: str, split: str, config: str | None = None, **load_kwargs) -> Iterator[tuple[int, dict]]:
+    """datasets.load_dataset(hub_name, config, split=split) for users with a network; rows from 1.
+
+    load_kwargs go to load_dataset, e.g. data_dir="helpful-base" for one subset of Anthropic/hh-rlhf.
+    """
+    import datasets
+
+    dataset = datasets.load_dataset(hub_name, config, split=split, **load_kwargs)
+    for number, row in enumerate(dataset, 1):
+        yield number, dict(row)
+
+
+# --------------------------------------------------------------------------------------------
+# Row checks shared by the datasets
+
+
+class _Invalid(Exception):
+    """A row the loader cannot use. `reason` is its key in LoadResult.skipped; a `filter` drops a
+    row by design (no verdict, low score ratio) and never raises."""
+
+    def __init__(self, reason: str, field: str, detail: str, filter: bool = False):
+        super().__init__(detail)
+        self.reason, self.field, self.detail, self.filter = reason, field, detail, filter
+
+
+class _Fatal(Exception):
+    """Something no row can fix (a chat row without a chat template): always a DataFileError."""
+
+
+@dataclass
+class _Options:
+    kind: str
+    tokenizer: Any = None
+    min_score_ratio: float | None = None
+
+
+def _require(row: dict, fields: Sequence[str]) -> None:
+    for name in fields:
+        if name not in row:
+            raise _Invalid(f"missing_key:{name}", name, "missing")
+
+
+def _text(row: dict, name: str) -> str:
+    if name not in row:
+        raise _Invalid(f"missing_key:{name}", name, "missing")
+    value = row[name]
+    if not isinstance(value, str):
+        raise _Invalid(f"not_a_string:{name}", name, f"expected text, got {_json_type(value)}")
+    if not value.strip():
+        raise _Invalid(f"empty:{name}", name, "empty text")
+    return value
+
+
+def _nonempty(text: str, name: str) -> str:
+    """A response cut out of a longer text (hh, tldr, chat), checked like a field."""
+    if not text.strip():
+        raise _Invalid(f"empty:{name}", name, "empty response")
+    return text
+
+
+def _pair(prompt: str, chosen: str, rejected: str) -> PreferencePair:
+    # Compared without surrounding whitespace: " Yes" vs " Yes\n" carries no preference either.
+    if chosen.strip() == rejected.strip():
+        raise _Invalid("chosen_equals_rejected", "rejected", "identical to 'chosen'")
+    return PreferencePair(prompt, chosen, rejected)
+
+
+Converted = tuple[PreferencePair, "float | None"]  # the example, and a score for SFT selection
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _hh(row: dict, opts: _Options) -> Converted:
+    _require(row, ("chosen",) if opts.kind == "sft" else ("chosen", "rejected"))
+    chosen = _text(row, "chosen")
+    cut = chosen.rfind(ASSISTANT_TURN)
+    if cut < 0:
+        raise _Invalid("no_assistant_turn", "chosen", "no '\\n\\nAssistant:' turn")
+    prompt = chosen[:cut + len(ASSISTANT_TURN)]
+    chosen_response = _nonempty(chosen[len(prompt):], "chosen")
+    if opts.kind == "sft":
+        return PreferencePair(prompt, chosen_response), None
+    rejected = _text(row, "rejected")
+    if not rejected.startswith(prompt):
+        raise _Invalid("no_shared_prefix", "rejected",
+                       "does not start with the prompt of 'chosen' (its text up to the last '\\n\\nAssistant:')")
+    rejected_response = _nonempty(rejected[len(prompt):], "rejected")
+    return _pair(prompt, chosen_response, rejected_response), None
+
+
+def _label(row: dict) -> int:
+    value = row["labels"]
+    if isinstance(value, str):
+        value = value.strip()
+    if value not in (0, 1, "0", "1"):  # CSV gives "0"/"1", pandas may give 0.0/1.0
+        raise _Invalid("bad_value:labels", "labels", f"expected 0 or 1, got {value!r}")
+    return int(value)
+
+
+def _score(row: dict, name: str) -> float:
+    value = row[name]
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _Invalid(f"bad_value:{name}", name, f"not a number: {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        # The ratio max/min needs positive scores (the authors' code divides by them).
+        raise _Invalid(f"bad_value:{name}", name, f"expected a positive number, got {value!r}")
+    return float(value)
+
+
+def _shp(row: dict, opts: _Options) -> Converted:
+    _require(row, ("history", "human_ref_A", "human_ref_B", "labels"))
+    history = _text(row, "history")
+    a_preferred = _label(row) == 1
+    winner, loser = ("human_ref_A", "human_ref_B") if a_preferred else ("human_ref_B", "human_ref_A")
+    prompt = "\n\nHuman: " + history + ASSISTANT_TURN
+    chosen = " " + _text(row, winner)
+
+    score = None
+    has_scores = "score_A" in row or "score_B" in row
+    if has_scores and (opts.min_score_ratio is not None or opts.kind == "sft"):
+        _require(row, ("score_A", "score_B"))
+        scores = {"score_A": _score(row, "score_A"), "score_B": _score(row, "score_B")}
+        score = scores["score_A" if a_preferred else "score_B"]
+        ratio = max(scores.values()) / min(scores.values())
+        if opts.min_score_ratio is not None and ratio < opts.min_score_ratio:
+            raise _Invalid("low_score_ratio", "score_A", f"score ratio {ratio:.3g} < {opts.min_score_ratio}",
+                           filter=True)
+    if opts.kind == "sft":
+        return PreferencePair(prompt, chosen), score
+    return _pair(prompt, chosen, " " + _text(row, loser)), None
+
+
+def _summary_text(text: str) -> str:
+    # The prompt ends "TL;DR:"; the summary must not be glued to it.
+    return text if text[:1].isspace() else " " + text
+
+
+def _tldr(row: dict, opts: _Options) -> Converted:
+    if "query" in row:
+        return _tldr_judged(row, opts)
+    return _tldr_comparisons(row, opts)
+
+
+def _tldr_judged(row: dict, opts: _Options) -> Converted:
+    sft = opts.kind == "sft"
+    _require(row, ("query", "reference_responses") if sft else
+             ("query", "reference_responses", "postprocessed_response", "preferred"))
+    query = _text(row, "query")
+    reference = _summary_text(_text(row, "reference_responses"))
+    if sft:
+        return PreferencePair(query, reference), None
+    ours = _summary_text(_text(row, "postprocessed_response"))
+    verdict = row["preferred"]
+    if verdict is None:  # a missing verdict read back from parquet/JSON
+        verdict = ""
+    if not isinstance(verdict, str):
+        raise _Invalid("not_a_string:preferred", "preferred", f"expected text, got {_json_type(verdict)}")
+    verdict = verdict.strip()
+    if not verdict:
+        raise _Invalid("no_preference", "preferred", "no verdict", filter=True)
+    if verdict not in ("reference", "ours"):
+        raise _Invalid("bad_value:preferred", "preferred", f"expected 'reference', 'ours' or '', got {verdict!r}")
+    chosen, rejected = (reference, ours) if verdict == "reference" else (ours, reference)
+    return _pair(query, chosen, rejected), None
+
+
+def _tldr_comparisons(row: dict, opts: _Options) -> Converted:
+    names = ("chosen",) if opts.kind == "sft" else ("chosen", "rejected")
+    _require(row, ("prompt",) + names)
+    prompt = _text(row, "prompt")
+    responses = {name: _text(row, name) for name in names}
+    if not prompt.rstrip().endswith(TLDR_MARKER):
+        # The hub layout puts "TL;DR:" at the start of each response; the model should be
+        # prompted with it, as in the OpenAI format, so the response is the summary alone.
+        moved = False
+        for name, text in responses.items():
+            if text.lstrip().startswith(TLDR_MARKER):
+                responses[name] = text.lstrip()[len(TLDR_MARKER):]
+                moved = True
+        if moved:
+            prompt = prompt + ("" if prompt.endswith("\n") else "\n") + TLDR_MARKER
+    responses = {name: _summary_text(_nonempty(text, name)) for name, text in responses.items()}
+    if opts.kind == "sft":
+        return PreferencePair(prompt, responses["chosen"]), None
+    return _pair(prompt, responses["chosen"], responses["rejected"]), None
+
+
+def _imdb(row: dict, opts: _Options) -> Converted:
+    _require(row, ("text",))
+    text = _nonempty(_text(row, "text").replace("<br />", " "), "text")
+    return PreferencePair("", text), None
+
+
+def _pairs(row: dict, opts: _Options) -> Converted:
+    names = ("chosen",) if opts.kind == "sft" else ("chosen", "rejected")
+    if any(isinstance(row.get(name), list) for name in ("prompt",) + names):
+        return _chat_pair(row, opts, names)
+    _require(row, ("prompt",) + names)
+    prompt = _text(row, "prompt")
+    responses = [_text(row, name) for name in names]
+    if opts.kind == "sft":
+        return PreferencePair(prompt, responses[0]), None
+    return _pair(prompt, *responses), None
+
+
+def _messages(row: dict, name: str) -> list[dict] | str:
+    """A response or prompt as a list of {role, content} messages, or as plain text."""
+    value = row[name]
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        raise _Invalid(f"bad_messages:{name}", name, "expected text or a list of {role, content} messages "
+                       "with string content")
+    return value
+
+
+def _turns(messages: list[dict]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in messages]
+
+
+def _chat_response(value: list[dict] | str, prompt: list[dict], name: str) -> str:
+    if isinstance(value, str):
+        return _nonempty(value, name)
+    if _turns(value[:len(prompt)]) == _turns(prompt):
+        value = value[len(prompt):]  # the whole conversation: keep what follows the prompt
+    if not value:
+        raise _Invalid(f"empty:{name}", name, "no message after the prompt")
+    if value[0]["role"] != "assistant":
+        raise _Invalid("no_shared_prefix", name, "its messages do not start with the prompt's")
+    if len(value) != 1:
+        raise _Invalid(f"bad_messages:{name}", name,
+                       f"expected one assistant message after the prompt, got {len(value)} messages")
+    return _nonempty(value[0]["content"], name)
+
+
+def _chat_pair(row: dict, opts: _Options, names: Sequence[str]) -> Converted:
+    tokenizer = opts.tokenizer
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise _Fatal("chat-style row (lists of {role, content} messages): rendering its prompt needs "
+                     "a tokenizer with a chat template; pass tokenizer= with tokenizer.chat_template set")
+    _require(row, names)
+    responses = {name: _messages(row, name) for name in names}
+
+    if row.get("prompt") is not None:
+        prompt_value = _messages(row, "prompt")
+        if isinstance(prompt_value, str):
+            prompt = [{"role": "user", "content": _text(row, "prompt")}]
+        elif prompt_value:
+            prompt = prompt_value
+        else:
+            raise _Invalid("empty:prompt", "prompt", "no messages")
+    else:
+        # TRL's implicit prompt: the messages chosen and rejected share from the start.
+        chosen = responses["chosen"]
+        rejected = responses.get("rejected")
+        if not isinstance(chosen, list):
+            raise _Invalid("missing_key:prompt", "prompt", "missing, and 'chosen' is plain text")
+        if isinstance(rejected, list):
+            # The last message of each is its response, even when the two are identical (which
+            # the equality check then reports).
+            shared = 0
+            while (shared < min(len(chosen), len(rejected)) - 1
+                   and _turns(chosen[shared:shared + 1]) == _turns(rejected[shared:shared + 1])):
+                shared += 1
+            prompt = chosen[:shared]
+        else:
+            prompt = chosen[:-1]
+        if not prompt:
+            raise _Invalid("missing_key:prompt", "prompt", "missing, and 'chosen'/'rejected' share no "
+                           "leading messages")
+
+    texts = [_chat_response(responses[name], prompt, name) for name in names]
+
+    import jinja2  # a dependency of transformers' chat templates
+
+    try:
+        rendered = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as err:  # templates raise on e.g. roles out of order
+        raise _Invalid("bad_messages:prompt", "prompt", f"refused by the chat template: {err}") from None
+    if opts.kind == "sft":
+        return PreferencePair(rendered, texts[0]), None
+    return _pair(rendered, *texts), None
+
+
+_CONVERTERS: dict[str, Callable[[dict, _Options], Converted]] = {
+    "hh": _hh, "shp": _shp, "tldr": _tldr, "imdb": _imdb, "ultrafeedback": _pairs, "pairs": _pairs,
+}
+
+
+def _one_per_prompt(name: str, examples: list[Converted]) -> list[PreferencePair]:
+    """The authors' SFT data for hh and shp: one example per prompt (they key by prompt)."""
+    best: dict[str, Converted] = {}
+    for pair, score in examples:
+        held = best.get(pair.prompt)
+        if held is None or name == "hh":  # hh: the last row's chosen overwrites, as in get_hh
+            best[pair.prompt] = (pair, score)
+        elif score is not None and held[1] is not None and score > held[1]:
+            best[pair.prompt] = (pair, score)  # shp: the highest-scoring response
+    return [pair for pair, _ in best.values()]
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+
+
+def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | None = None,
+         split: str = "train", hub_config: str | None = None, on_invalid: str = "skip",
+         tokenizer=None, min_score_ratio: float | None = None, kind: str = "pairs") -> LoadResult:
+    """Read dataset `name` from a local `path` (preferred) or the hub, validating every row."""
+    if name not in NAMES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be 'skip' or 'error', got {on_invalid!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be 'pairs' or 'sft', got {kind!r}")
+    if name == "imdb" and kind == "pairs":
+        raise ValueError("imdb has no preference pairs (only reviews and labels): load it with "
+                         "kind='sft'; pairs for the IMDb task are sampled and labelled elsewhere")
+    if min_score_ratio is not None and name != "shp":
+        raise ValueError(f"min_score_ratio filters SHP pairs by their upvote scores; {name} has none")
+
+    if path is not None:
+        source = str(path)
+        rows = read_rows(source)
+        where = "line" if _line_numbered(source) else "row"
+    elif hub_name is not None:
+        source = f"{hub_name}{'/' + hub_config if hub_config else ''}[{split}]"
+        rows = hub_rows(hub_name, split, hub_config)
+        where = "row"
+    else:
+        hint = f" (e.g. hub_name={HUB_NAMES[name]!r})" if name in HUB_NAMES else ""
+        raise ValueError(f"give path= (a local file) or hub_name={hint}")
+
+    convert = _CONVERTERS[name]
+    opts = _Options(kind, tokenizer, min_score_ratio)
+    examples: list[Converted] = []
+    skipped: Counter[str] = Counter()
+    count = 0
+    first_columns: list[str] | None = None
+    for number, row in rows:
+        count += 1
+        if first_columns is None:
+            first_columns = list(row)
+        try:
+            examples.append(convert(row, opts))
+        except _Invalid as bad:
+            if on_invalid == "error" and not bad.filter:
+                raise DataFileError(f"{source}: {where} {number}: field '{bad.field}': {bad.detail}") from None
+            skipped[bad.reason] += 1
+        except _Fatal as fatal:
+            raise DataFileError(f"{source}: {where} {number}: {fatal}") from None
+
+    if count and not examples and not FILTERS.intersection(skipped):
+        # Not one usable row, and not because of a filter: the file is another dataset's format
+        # (or name is wrong), which "skip" would otherwise turn into an empty dataset.
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
+        raise DataFileError(f"{source}: none of its {count} rows is a valid '{name}' row ({reasons}); "
+                            f"the first row has the columns {first_columns}")
+
+    if kind == "sft" and name in ("hh", "shp"):
+        pairs = _one_per_prompt(name, examples)
+        if len(pairs) < len(examples):
+            skipped["duplicate_prompt"] += len(examples) - len(pairs)
+    else:
+        pairs = [pair for pair, _ in examples]
+    return LoadResult(pairs=pairs, skipped=dict(skipped), source=source, rows=count)
+
+
+def check_lengths(pairs: Sequence[PreferencePair], tokenizer, max_length: int, max_prompt_length: int,
+                  keep_prompt_end: bool = True) -> tuple[list[PreferencePair], dict[str, int]]:
+    """Drop pairs whose prompt, truncated to max_prompt_length as `dpo_exp.data.tokenize_pair`
+    truncates it, leaves no room for a single response token within max_length ("prompt_too_long").
+
+    Responses themselves are cut to fit at tokenization, so they never make a pair invalid. With
+    max_prompt_length < max_length every pair fits and nothing is tokenized.
+    """
+    if max_prompt_length < max_length:
+        return list(pairs), {}
+    kept, dropped = [], 0
+    for pair in pairs:
+        prompt_len = min(len(prompt_token_ids(tokenizer, pair.prompt)), max_prompt_length)
+        # keep_prompt_end only chooses which end survives; the length is the same.
+        if max_length - prompt_len >= 1:
+            kept.append(pair)
+        else:
+            dropped += 1
+    return kept, ({"prompt_too_long": dropped} if dropped else {})
