@@ -50,6 +50,15 @@ class LoggerName(str, Enum):
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    merge_on_save: bool = True
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     name_or_path: Optional[str] = None
@@ -60,12 +69,34 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    block_class: Optional[str] = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+class OnInvalid(str, Enum):
+    skip = "skip"
+    error = "error"
+
+
+class Truncation(str, Enum):
+    keep_end = "keep_end"
+    keep_start = "keep_start"
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING
     path: Optional[str] = None
+    eval_path: Optional[str] = None
+    hub_name: Optional[str] = None
+    hub_config: Optional[str] = None
+    train_split: str = "train"
+    eval_split: Optional[str] = "test"
+    eval_size: int = 256
+    max_train_examples: Optional[int] = None
+    on_invalid: OnInvalid = OnInvalid.skip
+    min_score_ratio: Optional[float] = None
+    truncation: Truncation = Truncation.keep_end
     num_train_texts: int = 4000
     num_eval_texts: int = 400
     max_length: int = 512
@@ -161,6 +192,7 @@ class EvalConfig:
     samples_per_prompt: int = 1
     table_rows: int = 8
     kl: bool = True
+    temperatures: List[float] = field(default_factory=list)
 
 
 @dataclass
@@ -196,7 +228,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment_name: str = "default"
     seed: int = 0
-    objective: str = "eval/gold_reward"
+    objective: str = "auto"
 
 
 def register_configs() -> None:

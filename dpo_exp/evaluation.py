@@ -25,6 +25,7 @@ GoldReward = Callable[[Sequence[str], Sequence[str]], list[float]]  # (prompts, 
 
 EVAL_TABLE = "eval/samples"
 TABLE_COLUMNS = ("step", "prompt", "policy", "policy_gold_reward", "reference", "reference_gold_reward")
+SWEEP_COLUMNS = ("step", "temperature", "prompt", "policy")
 
 
 @dataclass
@@ -53,14 +54,17 @@ class Evaluator:
         self._reference_samples: Optional[Samples] = None
         self._reference_gold: Optional[list[float]] = None
 
-    def __call__(self, policy, step: int) -> tuple[dict, list[list]]:
+    def __call__(self, policy, step: int) -> tuple[dict, dict[str, list[list]]]:
+        """Metrics and tables {name: rows} of one evaluation."""
         was_training = policy.training
         policy.eval()
         metrics = self._pair_metrics(policy) if self.pairs else {}
-        gen_metrics, table = self._generation_metrics(policy, step)
+        gen_metrics, rows = self._generation_metrics(policy, step)
         metrics.update(gen_metrics)
+        sweep_metrics, tables = self._temperature_sweep(policy, step)
+        metrics.update(sweep_metrics)
         policy.train(was_training)
-        return metrics, table
+        return metrics, {EVAL_TABLE: rows, **tables}
 
     @torch.no_grad()
     def _pair_metrics(self, policy) -> dict:
@@ -84,12 +88,24 @@ class Evaluator:
         metrics.update({f"eval/{k}": torch.cat(v).mean().item() for k, v in values.items()})
         return metrics
 
-    def _sample(self, model) -> Samples:
+    def _sample(self, model, temperature: Optional[float] = None) -> Samples:
         g = self.generation
         with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None):
             torch.manual_seed(self.seed)
-            return sample(model, self.tokenizer, self.prompt_ids, g.max_new_tokens, g.temperature, g.top_k,
-                          g.top_p, g.batch_size)
+            return sample(model, self.tokenizer, self.prompt_ids, g.max_new_tokens,
+                          g.temperature if temperature is None else temperature, g.top_k, g.top_p, g.batch_size)
+
+    def _temperature_sweep(self, policy, step: int) -> tuple[dict, dict]:
+        """Samples at the paper's evaluation temperatures, for gold rewards and offline win-rate judging."""
+        metrics, tables = {}, {}
+        for t in self.cfg.temperatures:
+            samples = self._sample(policy, t)
+            rows = [[step, t, p, r] for p, r in zip(self.prompt_texts, samples.texts)]
+            if self.gold_reward:
+                gold = self.gold_reward(self.prompt_texts, samples.texts)
+                metrics[f"eval/gold_reward/T={t:g}"] = sum(gold) / len(gold)
+            tables[f"eval/samples/T={t:g}"] = rows
+        return metrics, tables
 
     @torch.no_grad()
     def _generation_metrics(self, policy, step: int) -> tuple[dict, list[list]]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +41,26 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path) -> None:
+    """A byte-level BPE tokenizer trained on `texts` (tokenizers library), saved with save_pretrained.
+
+    Special tokens: <pad> (distinct from EOS, as RLHF code needs), <s> (BOS, prepended to
+    every encoded text) and </s> (EOS, appended to responses by the data pipeline).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            padding_side="left").save_pretrained(out_dir)
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off in policy and reference (DPO authors' default): log-probs must be deterministic."""
     for module in model.modules():
@@ -65,6 +86,36 @@ def load_model(name_or_path: str, dtype: torch.dtype, attn_implementation: str =
         name_or_path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     disable_dropout(model)
     return model
+
+
+def apply_lora(model: PreTrainedModel, lora) -> nn.Module:
+    """Wrap the policy with a peft LoRA adapter (model.lora.r > 0); only the adapter trains."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(lora.target_modules)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                        target_modules="all-linear" if targets == ["all-linear"] else targets)
+    return get_peft_model(model, config)
+
+
+class AdapterDisabled(nn.Module):
+    """π_ref of a LoRA policy: the policy's own base weights with the adapter switched off.
+
+    No second copy of the weights exists; forward and generate run the shared base model.
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)
+
+    @torch.no_grad()
+    def generate(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model.generate(**kwargs)
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -118,10 +169,13 @@ def sample(model: PreTrainedModel, tokenizer, prompt_ids: Sequence[list[int]], m
     for start in range(0, len(prompt_ids), batch_size):
         chunk = list(prompt_ids[start:start + batch_size])
         batch = collate_sequences(chunk, [[] for _ in chunk], tokenizer.pad_token_id)
+        # temperature 0 means greedy decoding (the paper's TL;DR evaluation includes T = 0)
+        decoding = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0
+                    else dict(do_sample=False, temperature=None, top_k=None, top_p=None))
         out = model.generate(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-            do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            **decoding)
         for row in out[:, batch["input_ids"].shape[1]:].tolist():
             if tokenizer.eos_token_id in row:
                 row = row[:row.index(tokenizer.eos_token_id) + 1]

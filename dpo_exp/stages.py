@@ -5,6 +5,7 @@ jobs of `-m loss.beta=0.05,0.1,0.5,1` train π_SFT and sample pairs once between
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -17,7 +18,7 @@ from dpo_exp.loggers import FileSink, RunLogger
 from dpo_exp.models import load_model, load_tokenizer, new_model, resolve_device, torch_dtype
 from dpo_exp.trainer import Trainer, seed_everything
 
-CACHE_VERSION = 1  # bump when code changes what an entry holds
+CACHE_VERSION = 2  # bump when code changes what an entry holds
 
 
 def _plain(node) -> dict:
@@ -65,7 +66,7 @@ def train_sft(cfg, task, out: Path) -> None:
         model = new_model(OmegaConf.to_container(cfg.model.architecture), tokenizer, dtype, cfg.model.attn_implementation)
     model.to(device)
     s = cfg.sft
-    examples = tokenize_pairs(tokenizer, task.sft_examples(), s.max_length, min(cfg.data.max_prompt_length, s.max_length - 1),
+    examples = tokenize_pairs(tokenizer, task.sft_examples(tokenizer), s.max_length, min(cfg.data.max_prompt_length, s.max_length - 1),
                               task.keep_prompt_end)
     trainer_cfg = TrainerConfig(batch_size=s.batch_size, epochs=s.epochs, max_steps=s.max_steps, log_every=10,
                                 save_final=False, eval_at_start=False, device=cfg.trainer.device,
@@ -80,17 +81,19 @@ def train_sft(cfg, task, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def preference_data(cfg, task, sft_dir: str, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """(train, eval) pairs of the task, cached: for sampled tasks this is the costly part."""
+def preference_data(cfg, task, sft_dir: str, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair], dict]:
+    """(train, eval, skipped rows by reason) of the task, cached: for sampled tasks this is the costly part."""
     key = {"version": CACHE_VERSION, "sft": sft_dir, "task": _plain(cfg.task), "data": _plain(cfg.data),
            "seed": cfg.seed}
 
     def build(out: Path) -> None:
         print(f"[dpo_exp] building preference pairs into the cache ({out.parent})")
         seed_everything(cfg.seed)
-        train, evaluation = task.preference_pairs(Path(sft_dir), tokenizer)
+        train, evaluation, skipped = task.preference_pairs(Path(sft_dir), tokenizer)
         save_pairs(train, out / "train.jsonl")
         save_pairs(evaluation, out / "eval.jsonl")
+        (out / "skipped.json").write_text(json.dumps(skipped, indent=2, sort_keys=True))
 
     folder = get_or_build(cfg.paths.cache_dir, "pairs", key, build)
-    return load_pairs(folder / "train.jsonl"), load_pairs(folder / "eval.jsonl")
+    skipped = json.loads((folder / "skipped.json").read_text())
+    return load_pairs(folder / "train.jsonl"), load_pairs(folder / "eval.jsonl"), skipped

@@ -21,7 +21,7 @@ from dpo_exp.config import ConfigError, register_configs, validate
 from dpo_exp.data import prompt_token_ids, tokenize_pairs
 from dpo_exp.evaluation import EvalPrompts, Evaluator
 from dpo_exp.loggers import FileSink, RunLogger, WandbSink
-from dpo_exp.models import freeze, load_model, load_tokenizer, resolve_device, torch_dtype
+from dpo_exp.models import AdapterDisabled, apply_lora, freeze, load_model, load_tokenizer, resolve_device, torch_dtype
 from dpo_exp.reference import Reference
 from dpo_exp.stages import preference_data, sft_policy, tokenizer_source
 from dpo_exp.tasks import build_task
@@ -58,7 +58,9 @@ def run(cfg: DictConfig) -> dict:
 
     sft_dir = sft_policy(cfg, task)
     tokenizer = load_tokenizer(tokenizer_source(cfg, sft_dir), cfg.model.trust_remote_code)
-    train_pairs, eval_pairs = preference_data(cfg, task, sft_dir, tokenizer)
+    train_pairs, eval_pairs, skipped = preference_data(cfg, task, sft_dir, tokenizer)
+    if not train_pairs:
+        raise ValueError(f"no training pairs left after validation (skipped: {skipped})")
     lengths = (cfg.data.max_length, cfg.data.max_prompt_length, task.keep_prompt_end)
     train_tok = tokenize_pairs(tokenizer, train_pairs, *lengths)
     eval_tok = tokenize_pairs(tokenizer, eval_pairs, *lengths)
@@ -68,12 +70,19 @@ def run(cfg: DictConfig) -> dict:
     policy = load_model(sft_dir, torch_dtype(m.policy_dtype), m.attn_implementation, m.trust_remote_code).to(device)
     if m.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
+    lora = m.lora.r > 0
+    if lora:
+        policy = apply_lora(policy, m.lora)
+        if m.gradient_checkpointing:
+            policy.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
 
     reference = None
     if cfg.reference.enabled:
         ref_path = cfg.reference.name_or_path or sft_dir
 
         def load_reference():
+            if lora and cfg.reference.name_or_path is None:
+                return AdapterDisabled(policy)  # π_ref = π_SFT = the policy's frozen base weights
             model = load_model(ref_path, torch_dtype(m.reference_dtype), m.attn_implementation, m.trust_remote_code)
             return freeze(model.to(device))
 
@@ -82,7 +91,7 @@ def run(cfg: DictConfig) -> dict:
         if algorithm.needs_reference and cfg.reference.precompute:
             reference.precompute("train", train_tok, tokenizer.pad_token_id, cfg.trainer.eval_batch_size)
 
-    prompts = list(task.eval_prompts(tokenizer))
+    prompts = list(task.eval_prompts(tokenizer, eval_pairs))
     evaluator = Evaluator(
         algorithm, reference, eval_tok, EvalPrompts(prompts, [prompt_token_ids(tokenizer, p) for p in prompts]),
         tokenizer, task.gold_reward, cfg.task.generation, cfg.eval, cfg.trainer.eval_batch_size,
@@ -92,8 +101,13 @@ def run(cfg: DictConfig) -> dict:
         trainer = Trainer(policy, algorithm, train_tok, tokenizer.pad_token_id, cfg.trainer, cfg.optimizer, logger,
                           output_dir, cfg.seed, reference=reference, evaluator=evaluator, tokenizer=tokenizer)
         final = trainer.fit()
+        if lora and m.lora.merge_on_save and cfg.trainer.save_final:
+            merged = output_dir / "checkpoints" / "final" / "merged"
+            policy.merge_and_unload().save_pretrained(merged)  # training is over: merging in place is safe
+            tokenizer.save_pretrained(merged)
         summary = {**final, "steps": trainer.step, "train_pairs": len(train_tok), "eval_pairs": len(eval_tok),
-                   "sft_policy": sft_dir, "wall_seconds": time.perf_counter() - started}
+                   "sft_policy": sft_dir, "wall_seconds": time.perf_counter() - started,
+                   **{f"data/skipped/{reason}": n for reason, n in skipped.items()}}
         logger.summary(summary)
     finally:
         logger.finish()
@@ -113,6 +127,8 @@ def print_summary(summary: dict, cfg) -> None:
         f"gold reward  pi_ref (pi_SFT): {fmt('eval/gold_reward_ref')}   policy: {fmt('eval/gold_reward')}",
         f"KL(pi||pi_ref): {fmt('eval/kl')} +- {fmt('eval/kl_stderr')} nats (sequence level)",
         f"held-out preference accuracy (implicit reward): {fmt('eval/rewards/accuracies')}",
+        f"rows skipped by reason: {skipped}" if (skipped := {k[13:]: v for k, v in summary.items()
+                                                            if k.startswith("data/skipped/")}) else "rows skipped: none",
         f"run directory: {cfg.paths.output_dir}",
     ]
     print("\n".join(lines))
@@ -121,9 +137,12 @@ def print_summary(summary: dict, cfg) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     summary = run(cfg)
-    if cfg.objective not in summary:
-        raise ConfigError(f"objective={cfg.objective} is not in summary.json; available: {', '.join(sorted(summary))}")
-    return float(summary[cfg.objective])
+    objective = cfg.objective
+    if objective == "auto":  # the gold reward where the task has one, else held-out preference accuracy
+        objective = "eval/gold_reward" if "eval/gold_reward" in summary else "eval/rewards/accuracies"
+    if objective not in summary:
+        raise ConfigError(f"objective={objective} is not in summary.json; available: {', '.join(sorted(summary))}")
+    return float(summary[objective])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from dpo_exp.algorithms import PairLogps
 from dpo_exp.config import OptimizerConfig, OptimizerName, Schedule, TrainerConfig
 from dpo_exp.data import TokenizedPair, collate_pairs
-from dpo_exp.evaluation import EVAL_TABLE, TABLE_COLUMNS, Evaluator
+from dpo_exp.evaluation import EVAL_TABLE, SWEEP_COLUMNS, TABLE_COLUMNS, Evaluator
 from dpo_exp.loggers import RunLogger
 from dpo_exp.models import autocast, sequence_logps
 from dpo_exp.reference import Reference
@@ -179,11 +179,12 @@ class Trainer:
 
     def evaluate(self) -> dict:
         start = time.perf_counter()
-        metrics, rows = self.evaluator(self.policy, self.step)
+        metrics, tables = self.evaluator(self.policy, self.step)
         metrics["eval/seconds"] = time.perf_counter() - start
         self.logger.log(metrics, self.step)
-        if rows:
-            self.logger.table(EVAL_TABLE, TABLE_COLUMNS, rows, self.step)
+        for name, rows in tables.items():
+            if rows:
+                self.logger.table(name, TABLE_COLUMNS if name == EVAL_TABLE else SWEEP_COLUMNS, rows, self.step)
         self.last_eval = {"step": self.step, **metrics}
         return metrics
 

@@ -199,7 +199,7 @@ def timing(step_ends: list[tuple[float, float]], start: tuple[float, float], war
     durations = [b[0] - a[0] for a, b in zip(timed, timed[1:])]
     wall, cpu = timed[-1][0] - timed[0][0], timed[-1][1] - timed[0][1]
     return {"timed_steps": len(durations), "timed_seconds": wall, "seconds_per_step": wall / len(durations),
-            "median_seconds_per_step": statistics.median(durations),
+            "median_seconds_per_step": statistics.median(durations), "step_seconds": durations,
             "pairs_per_second": len(durations) * batch_size / wall, "cores_busy": cpu / wall}
 
 
@@ -248,15 +248,16 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
     if trainer.plan != plan:
         raise RuntimeError("Trainer.plan differs from the plan given to TRL; the loss comparison would be void")
 
-    losses, step_ends = [], []
+    losses, logps, step_ends = [], [], []
     start = now()
     for indices in trainer.plan:  # the body of Trainer.fit without its logging and eval
         metrics = trainer.train_step([trainer.pairs[i] for i in indices])
         trainer.step += 1
         step_ends.append(now())
         losses.append(metrics["train/loss"])
+        logps.append([metrics["train/logps/chosen"], metrics["train/logps/rejected"]])
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"losses": losses, "setup_seconds": setup_seconds,
+    return {"losses": losses, "policy_logps": logps, "setup_seconds": setup_seconds,
             **timing(step_ends, start, settings["warmup_steps_excluded"], settings["batch_size"])}
 
 
@@ -271,10 +272,10 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
     from dpo_exp.data import load_pairs
 
     class StepTimer(TrainerCallback):
-        """End time of every optimizer step and the loss TRL logs for it (logging_steps=1)."""
+        """End time of every optimizer step, and the loss and mean policy log-probs TRL logs for it."""
 
         def __init__(self):
-            self.start, self.step_ends, self.losses = None, [], []
+            self.start, self.step_ends, self.losses, self.logps = None, [], [], []
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.start is None:
@@ -284,8 +285,9 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
             self.step_ends.append(now())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
+            if logs and "loss" in logs:  # logging_steps=1: one training log per step
                 self.losses.append(logs["loss"])
+                self.logps.append([logs["logps/chosen"], logs["logps/rejected"]])
 
     pairs = load_pairs(workdir / "pairs.jsonl")
     plan = json.loads((workdir / "plan.json").read_text())
@@ -324,7 +326,8 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
 
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"losses": timer.losses, "setup_seconds": setup_seconds, "tokenization_mismatches": mismatched,
+    return {"losses": timer.losses, "policy_logps": timer.logps, "setup_seconds": setup_seconds,
+            "tokenization_mismatches": mismatched,
             **timing(timer.step_ends, timer.start, settings["warmup_steps_excluded"], settings["batch_size"])}
 
 
@@ -368,23 +371,35 @@ def installed_version(name: str) -> str | None:
         return None
 
 
-def compare_losses(a: list[float], b: list[float]) -> dict:
+def compare_losses(left: dict, right: dict) -> dict:
+    """Per-step loss differences, and the first step's mean summed log-probs of the policy.
+
+    The loss of step 1 is log 2 for any tokenization (policy == reference), so the later steps
+    (which depend on step 1's gradient) and the log-probs (≈ −900 per response here, a sum
+    over exactly the response tokens) are what catch a difference in tokens or masks.
+    """
+    a, b = left["losses"], right["losses"]
     n = min(len(a), len(b))
     diffs = [abs(x - y) for x, y in zip(a, b)]
     if not diffs:
         return {"steps_compared": 0, "max_abs_diff": math.nan}
     check = sorted({0, min(9, n - 1), n - 1})  # step 1 (log 2), step 10, last step
+    (lc, lr), (rc, rr) = left["policy_logps"][0], right["policy_logps"][0]
     return {"steps_compared": n, "max_abs_diff": max(diffs), "max_abs_diff_step": diffs.index(max(diffs)) + 1,
-            "at_steps": {str(i + 1): [a[i], b[i]] for i in check}}
+            "at_steps": {str(i + 1): [a[i], b[i]] for i in check},
+            "step1_policy_logps": {"chosen": [lc, rc], "rejected": [lr, rr]},
+            "step1_logps_max_rel_diff": max(abs(lc - rc) / abs(rc), abs(lr - rr) / abs(rr))}
 
 
 def report(rows: dict, settings: dict, tolerance: float) -> tuple[dict, bool]:
     """Print the table, the speed ratios and the loss agreement; return them and whether fp32 losses agree."""
     gib = 1024 ** 3
     print()
+    repeats = len(next(iter(rows.values()))["all_repeats_pairs_per_second"])
     print(f"{settings['parameters'] / 1e6:.1f}M-parameter Llama, {settings['pairs']} pairs, batch "
           f"{settings['batch_size']}, {settings['steps']} steps ({settings['warmup_steps_excluded']} excluded), "
-          f"{settings['threads']} torch threads, lr {settings['lr']:g}, beta {settings['beta']}")
+          f"{settings['threads']} torch threads, lr {settings['lr']:g}, beta {settings['beta']}"
+          + (f", fastest of {repeats} runs per row" if repeats > 1 else ""))
     header = f"{'implementation':<22} {'pairs/s':>8} {'s/step':>8} {'median':>7} {'peak RSS':>10} {'setup s':>8} " \
              f"{'cores':>6} {'loss@1':>9} {'loss@last':>10}"
     print(header)
@@ -396,20 +411,31 @@ def report(rows: dict, settings: dict, tolerance: float) -> tuple[dict, bool]:
     print("(s/step: mean over timed steps; median: their median; setup: reference precompute, and TRL's dataset "
           "tokenization; cores: CPU s per wall s while timed, below the thread count if other processes competed)")
 
+    disturbed = [f"{impl} {variant}" for (impl, variant), r in rows.items()
+                 if r["cores_busy"] < 0.9 * settings["threads"]]
+    if disturbed:
+        print(f"WARNING: other processes took CPU during {', '.join(disturbed)} (cores < 90% of "
+              f"{settings['threads']} threads); those timings are not comparable, rerun on a quiet machine "
+              "or with --repeats")
+
     ratios, agreement, ok = {}, {}, True
     print()
     for variant in ("fp32", "precompute", "bf16"):
         ours, theirs = rows.get(("dpo_exp", variant)), rows.get(("trl", variant))
         if ours and theirs:
             ratio = ours["pairs_per_second"] / theirs["pairs_per_second"]
-            ratios[variant] = ratio
+            # both saw the same batches, so the ratio of median step times is comparable too,
+            # and less sensitive to a burst of outside load than the ratio of totals
+            median_ratio = theirs["median_seconds_per_step"] / ours["median_seconds_per_step"]
+            ratios[variant] = {"pairs_per_second": ratio, "median_step": median_ratio}
             target = "  (target >= 1.5x: " + ("met" if ratio >= 1.5 else "NOT met") + ")" if variant == "fp32" else ""
-            print(f"speed ratio dpo_exp / TRL, {variant}: {ratio:.2f}x{target}")
+            print(f"speed ratio dpo_exp / TRL, {variant}: {ratio:.2f}x pairs/s, {median_ratio:.2f}x by median "
+                  f"step{target}")
     pairs_to_check = [(("dpo_exp", "fp32"), ("trl", "fp32")), (("dpo_exp", "precompute"), ("trl", "precompute")),
                       (("dpo_exp", "fp32"), ("dpo_exp", "precompute")), (("dpo_exp", "bf16"), ("trl", "bf16"))]
     for left, right in pairs_to_check:
         if left in rows and right in rows:
-            cmp = compare_losses(rows[left]["losses"], rows[right]["losses"])
+            cmp = compare_losses(rows[left], rows[right])
             strict = "bf16" not in (left[1], right[1])  # bf16 autocast paths differ by design
             passed = cmp["max_abs_diff"] <= tolerance
             ok &= passed or not strict
@@ -418,7 +444,11 @@ def report(rows: dict, settings: dict, tolerance: float) -> tuple[dict, bool]:
             verdict = ("OK" if passed else "DISAGREE") if strict else "info only (bf16)"
             at = ", ".join(f"step {k}: {x:.7f} / {y:.7f}" for k, (x, y) in cmp["at_steps"].items())
             print(f"losses {name}: max |diff| {cmp['max_abs_diff']:.2e} over {cmp['steps_compared']} steps "
-                  f"-> {verdict}  [{at}]")
+                  f"-> {verdict}\n    {at}\n    step-1 mean policy log-probs chosen "
+                  f"{cmp['step1_policy_logps']['chosen'][0]:.4f} / {cmp['step1_policy_logps']['chosen'][1]:.4f}, "
+                  f"rejected {cmp['step1_policy_logps']['rejected'][0]:.4f} / "
+                  f"{cmp['step1_policy_logps']['rejected'][1]:.4f} (max rel diff "
+                  f"{cmp['step1_logps_max_rel_diff']:.1e})")
     for (impl, variant), r in rows.items():
         if r.get("tokenization_mismatches"):
             ok = False
@@ -440,6 +470,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="also run bf16-autocast rows")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="also run rows with reference log-probs precomputed before training")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every row this many times, alternating rows, and keep each row's fastest run "
+                             "(use 2-3 on a shared machine)")
     parser.add_argument("--loss-tolerance", type=float, default=1e-5, help="max |loss diff| per step, fp32")
     parser.add_argument("--json", metavar="OUT", help="write all results to this JSON file")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the fixture folder (weights, pairs)")
@@ -470,10 +503,16 @@ def main() -> None:
     try:
         print(f"building the fixture in {workdir}")
         build_fixture(workdir, settings)
-        rows = {}
-        for impl, variant in ROW_ORDER:
-            if impl in impls and variant in variants:
-                rows[(impl, variant)] = spawn(impl, variant, workdir)
+        # Rows alternate within each repeat, so a burst of outside load hits both implementations
+        # alike; of the repeats of a row, the fastest is kept (the least disturbed), all are saved.
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for repeat in range(args.repeats):
+            for impl, variant in ROW_ORDER:
+                if impl in impls and variant in variants:
+                    runs.setdefault((impl, variant), []).append(spawn(impl, variant, workdir))
+        rows = {key: max(results, key=lambda r: r["pairs_per_second"]) for key, results in runs.items()}
+        for key, results in runs.items():
+            rows[key]["all_repeats_pairs_per_second"] = [r["pairs_per_second"] for r in results]
         summary, ok = report(rows, settings, args.loss_tolerance)
         if args.json:
             Path(args.json).write_text(json.dumps(

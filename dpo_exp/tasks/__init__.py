@@ -15,23 +15,24 @@ class Task(Protocol):
     keep_prompt_end: bool              # truncate long prompts keeping their end (else their start)
     gold_reward: Optional[GoldReward]
 
-    def sft_examples(self) -> list[PreferencePair]:
+    def sft_examples(self, tokenizer) -> list[PreferencePair]:
         """Examples of the SFT stage that makes π_SFT (prompt, chosen = target)."""
 
     def train_tokenizer(self, out_dir: Path) -> None:
         """Train and save_pretrained a tokenizer, for models built from a config."""
 
-    def preference_pairs(self, sft_dir: Path, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair]]:
-        """(train, eval) pairs; may sample π_SFT at sft_dir."""
+    def preference_pairs(self, sft_dir: Path, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair], dict]:
+        """(train, eval, skipped-rows-by-reason); may sample π_SFT at sft_dir."""
 
-    def eval_prompts(self, tokenizer) -> Sequence[str]:
+    def eval_prompts(self, tokenizer, eval_pairs: Sequence[PreferencePair]) -> Sequence[str]:
         """Held-out prompts for generation-based evaluation."""
 
 
 def build_task(cfg) -> Task:
+    from dpo_exp.tasks.preference import PreferenceTask
     from dpo_exp.tasks.sentiment import SentimentTask
 
-    tasks = {"sentiment": SentimentTask}
+    tasks = {"sentiment": SentimentTask, "preference": PreferenceTask}
     if cfg.task.name not in tasks:
         raise ValueError(f"unknown task {cfg.task.name!r}; known: {', '.join(tasks)}")
     return tasks[cfg.task.name](cfg)

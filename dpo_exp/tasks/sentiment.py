@@ -9,8 +9,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from dpo_exp import loaders
 from dpo_exp.data import PreferencePair, prompt_token_ids
-from dpo_exp.models import load_model, resolve_device, sample, torch_dtype
+from dpo_exp.models import load_model, resolve_device, sample, torch_dtype, train_tokenizer
 from dpo_exp.rewards import gold_reward
 from dpo_exp.tasks.synthetic_reviews import corpus
 
@@ -22,30 +23,21 @@ class SentimentTask:
     def __init__(self, cfg):
         self.cfg = cfg
         data = cfg.data
-        if data.name != "synthetic_reviews":
-            raise ValueError(f"task=sentiment reads data=synthetic_reviews here, not {data.name!r}")
-        texts = corpus(data.num_train_texts + data.num_eval_texts, seed=cfg.seed)
-        self.train_texts = texts[:data.num_train_texts]
-        self.eval_texts = texts[data.num_train_texts:]
+        if data.name == "synthetic_reviews":
+            texts = corpus(data.num_train_texts + data.num_eval_texts, seed=cfg.seed)
+            self.train_texts, self.eval_texts = texts[:data.num_train_texts], texts[data.num_train_texts:]
+        elif data.name == "imdb":
+            self.train_texts = _reviews(data, "train")[:data.num_train_texts]
+            self.eval_texts = _reviews(data, "eval")[:data.num_eval_texts]
+        else:
+            raise ValueError(f"task=sentiment reads data=synthetic_reviews or data=imdb, not {data.name!r}")
         self.gold_reward = gold_reward(cfg.task.gold_reward)
 
-    def sft_examples(self) -> list[PreferencePair]:
+    def sft_examples(self, tokenizer=None) -> list[PreferencePair]:
         return [PreferencePair(prompt="", chosen=text) for text in self.train_texts]
 
     def train_tokenizer(self, out_dir: Path) -> None:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-        from transformers import PreTrainedTokenizerFast
-
-        specials = ["<pad>", "<s>", "</s>"]
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=self.cfg.data.vocab_size, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        tok.train_from_iterator(self.train_texts, trainer)
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                padding_side="left").save_pretrained(out_dir)
+        train_tokenizer(self.train_texts, self.cfg.data.vocab_size, out_dir)
 
     def _prefixes(self, texts: list[str], n: int, tokenizer, seed: int) -> list[str]:
         """Prefixes of 2–8 tokens (task.prompt_min_tokens..prompt_max_tokens) of n texts."""
@@ -58,17 +50,18 @@ class SentimentTask:
             out.append(tokenizer.decode(ids[:k]))  # exact text, so re-tokenizing gives ids[:k]
         return out
 
-    def eval_prompts(self, tokenizer) -> list[str]:
+    def eval_prompts(self, tokenizer, eval_pairs) -> list[str]:
+        del eval_pairs  # prompts are fresh prefixes of held-out reviews
         return self._prefixes(self.eval_texts, self.cfg.eval.num_prompts, tokenizer, seed=self.cfg.seed + 2)
 
-    def preference_pairs(self, sft_dir: Path, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    def preference_pairs(self, sft_dir: Path, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair], dict]:
         t = self.cfg.task
         train_prompts = self._prefixes(self.train_texts, t.num_train_prompts, tokenizer, seed=self.cfg.seed)
         eval_prompts = self._prefixes(self.eval_texts[::-1], t.num_eval_pair_prompts, tokenizer, seed=self.cfg.seed + 1)
         policy = load_model(str(sft_dir), torch_dtype(self.cfg.model.policy_dtype), self.cfg.model.attn_implementation)
         policy.to(resolve_device(self.cfg.trainer.device))
         return (self._labelled_pairs(policy, tokenizer, train_prompts),
-                self._labelled_pairs(policy, tokenizer, eval_prompts))
+                self._labelled_pairs(policy, tokenizer, eval_prompts), {})
 
     def _labelled_pairs(self, policy, tokenizer, prompts: list[str]) -> list[PreferencePair]:
         t = self.cfg.task
@@ -88,3 +81,14 @@ class SentimentTask:
                     chosen, rejected = (text_a, text_b) if r_a > r_b else (text_b, text_a)
                     pairs.append(PreferencePair(prompt, chosen, rejected))
         return pairs
+
+
+def _reviews(data, split: str) -> list[str]:
+    """IMDb review texts of a split, from data.path / data.eval_path or the hub."""
+    path = data.path if split == "train" else data.eval_path
+    hub_split = data.train_split if split == "train" else data.eval_split
+    result = loaders.load("imdb", path=path, hub_name=None if path else data.hub_name, split=hub_split,
+                          on_invalid=data.on_invalid.value, kind="sft")
+    texts = [pair.chosen for pair in result.pairs]
+    random.Random(0).shuffle(texts)  # files are sorted by label; a prefix must hold both
+    return texts
