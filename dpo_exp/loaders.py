@@ -68,8 +68,8 @@ Formats
     ``score_A``/``score_B`` is kept only if max/min ≥ the ratio; rows without scores are kept.
     SFT: one example per prompt, target the highest-scoring preferred response (the authors'
     ``sft_target``), or the first row's preferred response when there are no scores. Histories
-    already written as ``HUMAN: …\\n\\nASSISTANT: …`` (HH repacked as SHP) are wrapped all the
-    same, so their prompts read ``"\\n\\nHuman: HUMAN: …\\n\\nAssistant:"``.
+    already written as ``HUMAN: …\\n\\nASSISTANT: …`` (HH repacked as SHP, as in steamshp) get HH's own
+    turn markers back, so their prompts read exactly as the HH original: ``"\\n\\nHuman: …\\n\\nAssistant:"``.
 ``tldr``: (a) CarperAI/openai_summarize_comparisons, ``prompt`` / ``chosen`` / ``rejected``, whose
     responses begin ``"TL;DR: "`` and whose prompt does not end with it (CarperAI's own trlx code
     reads ``prompt + " TL;DR:"`` and ``chosen[7:]``): the marker is moved to the end of the prompt,
@@ -124,6 +124,7 @@ HUB_NAMES = {
 }
 
 ASSISTANT_TURN = "\n\nAssistant:"
+SHP_HUMAN = "HUMAN: "
 TLDR_MARKER = "TL;DR:"
 ON_INVALID = ("skip", "error")
 KINDS = ("pairs", "sft")
@@ -418,6 +419,9 @@ def _score(row: dict, name: str) -> float:
 def _shp(row: dict, opts: _Options) -> Converted:
     _require(row, ("history", "human_ref_A", "human_ref_B", "labels"))
     history = _text(row, "history")
+    if history.startswith(SHP_HUMAN):  # HH repacked as SHP: restore HH's turn markers instead of nesting them
+        history = (history[len(SHP_HUMAN):].replace("\n\nASSISTANT: ", "\n\nAssistant: ")
+                   .replace("\n\nHUMAN: ", "\n\nHuman: "))
     a_preferred = _label(row) == 1
     winner, loser = ("human_ref_A", "human_ref_B") if a_preferred else ("human_ref_B", "human_ref_A")
     prompt = "\n\nHuman: " + history + ASSISTANT_TURN

@@ -530,8 +530,13 @@ def test_real_hh_helpful_in_shp_format():
     assert result.rows == 2344 and len(result.pairs) == 2338
     assert result.skipped == {"chosen_equals_rejected": 2, "empty:human_ref_A": 2, "empty:human_ref_B": 2}
     first = result.pairs[0]  # labels == 1: human_ref_A preferred
-    assert first.prompt == ("\n\nHuman: HUMAN: Do you know why turkeys became the official food of "
+    assert first.prompt == ("\n\nHuman: Do you know why turkeys became the official food of "
                             "thanksgiving?\n\nAssistant:")
+    multi_turn = next(p for p in result.pairs if "butterflies are in my area" in p.prompt)
+    assert multi_turn.prompt.startswith("\n\nHuman: How can I find out what types of butterflies are in my area?"
+                                        "\n\nAssistant: Which location are you in?\n\nHuman: I am in Oregon.")
+    assert multi_turn.prompt.endswith("\n\nHuman: Great. What are some common species then?\n\nAssistant:")
+    assert "HUMAN:" not in multi_turn.prompt and "ASSISTANT:" not in multi_turn.prompt
     assert first.chosen.startswith(" To be honest, I don\u2019t know anything about that.")
     assert first.rejected.startswith(" I know that the American Indians")
     # SFT: every history is distinct and the 4 empty responses are all dispreferred ones.
