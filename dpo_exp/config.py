@@ -184,6 +184,7 @@ class TrainerConfig:
     device: str = "auto"
     precision: Precision = Precision.fp32
     show_progress: bool = True
+    count_flops: bool = True
 
 
 @dataclass

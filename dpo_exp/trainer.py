@@ -9,6 +9,7 @@ for SFT), so k micro-batches give exactly the gradient of one batch of their uni
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -17,6 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from dpo_exp.algorithms import PairLogps
@@ -26,6 +28,22 @@ from dpo_exp.evaluation import EVAL_TABLE, SWEEP_COLUMNS, TABLE_COLUMNS, Evaluat
 from dpo_exp.loggers import RunLogger
 from dpo_exp.models import autocast, sequence_logps
 from dpo_exp.reference import Reference
+
+
+class _NoCount:
+    def get_total_flops(self) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def count_flops(enabled: bool = True):
+    """Count the FLOPs the block executes (torch's FlopCounterMode: matmuls and attention,
+    as dispatched, so measured rather than estimated from parameter counts)."""
+    if not enabled:
+        yield _NoCount()
+        return
+    with FlopCounterMode(display=False) as counter:
+        yield counter
 
 
 def seed_everything(seed: int) -> None:
@@ -99,6 +117,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, optimizer_cfg.warmup_steps, self.total_steps, schedule))
         self.step = 0
+        self.flops = 0
+        self.train_seconds = 0.0  # wall-clock of training steps, evaluation excluded
         self.last_eval: dict = {}
 
     # ---- one optimizer step -------------------------------------------------------------
@@ -139,8 +159,11 @@ class Trainer:
         return {f"{self.label}/grad_norm": grad_norm.item(), f"{self.label}/learning_rate": lr}
 
     def train_step(self, pairs: Sequence[TokenizedPair]) -> dict:
-        metrics = self.accumulate_gradients(pairs)
+        with count_flops(self.cfg.count_flops) as counter:
+            metrics = self.accumulate_gradients(pairs)
+        self.flops += counter.get_total_flops()
         metrics.update(self.optimizer_step())
+        metrics[f"{self.label}/flops"] = float(self.flops)  # cumulative: forward + backward of policy and π_ref
         return metrics
 
     # ---- the loop -----------------------------------------------------------------------
@@ -149,25 +172,30 @@ class Trainer:
         if self.evaluator is not None and self.cfg.eval_at_start:
             self.evaluate()
         window: list[dict] = []
-        pairs_seen, tokens_seen, window_start = 0, 0, time.perf_counter()
+        pairs_seen, tokens_seen, window_seconds = 0, 0, 0.0
         bar = tqdm(total=self.total_steps, desc=self.label, disable=not self.cfg.show_progress,
                    dynamic_ncols=True, mininterval=2.0)
         while self.step < self.total_steps:
             batch_pairs = [self.pairs[i] for i in self.plan[self.step]]
+            started = time.perf_counter()
             window.append(self.train_step(batch_pairs))
+            step_seconds = time.perf_counter() - started  # training only: evaluation and saving excluded
+            window_seconds += step_seconds
+            self.train_seconds += step_seconds
             self.step += 1
             pairs_seen += len(batch_pairs)
             tokens_seen += sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in batch_pairs)
             bar.update(1)
             bar.set_postfix(loss=f"{window[-1][f'{self.label}/loss']:.4f}", refresh=False)
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
                 metrics = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-                metrics[f"{self.label}/pairs_per_second"] = pairs_seen / elapsed
-                metrics[f"{self.label}/tokens_per_second"] = tokens_seen / elapsed
+                metrics[f"{self.label}/flops"] = window[-1][f"{self.label}/flops"]  # cumulative, not a mean
+                metrics[f"{self.label}/seconds"] = self.train_seconds  # cumulative training wall-clock
+                metrics[f"{self.label}/pairs_per_second"] = pairs_seen / window_seconds
+                metrics[f"{self.label}/tokens_per_second"] = tokens_seen / window_seconds
                 metrics[f"{self.label}/epoch"] = self.step * self.cfg.batch_size / len(self.pairs)
                 self.logger.log(metrics, self.step)
-                window, pairs_seen, tokens_seen, window_start = [], 0, 0, time.perf_counter()
+                window, pairs_seen, tokens_seen, window_seconds = [], 0, 0, 0.0
             if self.evaluator is not None and (self.step % self.cfg.eval_every == 0 or self.step == self.total_steps):
                 self.evaluate()
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step != self.total_steps:
@@ -181,6 +209,9 @@ class Trainer:
         start = time.perf_counter()
         metrics, tables = self.evaluator(self.policy, self.step)
         metrics["eval/seconds"] = time.perf_counter() - start
+        # the cost of reaching this evaluation point, for frontiers and compute comparisons
+        metrics["cost/train_flops"] = float(self.flops)
+        metrics["cost/train_seconds"] = self.train_seconds
         self.logger.log(metrics, self.step)
         for name, rows in tables.items():
             if rows:

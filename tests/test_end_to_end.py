@@ -21,7 +21,8 @@ TRAIN_KEYS = {"train/loss", "train/rewards/chosen", "train/rewards/rejected", "t
 EVAL_KEYS = {"eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins",
              "eval/rewards/accuracies", "eval/logps/chosen", "eval/logps/rejected", "eval/kl", "eval/kl_stderr",
              "eval/gold_reward", "eval/gold_reward_ref"}
-TIMING_KEYS = {"train/pairs_per_second", "train/tokens_per_second", "eval/seconds", "wall_seconds"}
+TIMING_KEYS = {"train/pairs_per_second", "train/tokens_per_second", "train/seconds", "eval/seconds", "wall_seconds",
+               "cost/train_seconds"}
 
 
 def logged_keys(run_dir: Path) -> set:
@@ -35,6 +36,8 @@ def test_smoke_run_writes_metrics_summary_samples_and_a_loadable_checkpoint(smok
     summary = train_module.run(cfg)
     run_dir = Path(cfg.paths.output_dir)
     assert TRAIN_KEYS | EVAL_KEYS <= logged_keys(run_dir)
+    flops = [row["cost/train_flops"] for row in read_jsonl(run_dir / "metrics.jsonl") if "cost/train_flops" in row]
+    assert flops[0] == 0 and all(b > a for a, b in zip(flops, flops[1:]))  # counted, growing with each step
     assert all("step" in row for row in read_jsonl(run_dir / "metrics.jsonl"))
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert EVAL_KEYS <= set(on_disk) and on_disk["steps"] == 4 == summary["steps"]
