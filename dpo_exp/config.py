@@ -18,6 +18,8 @@ from omegaconf import MISSING
 
 
 class LossName(str, Enum):
+    reward_model = "reward_model"
+    ppo = "ppo"
     sft = "sft"
     dpo = "dpo"
     cdpo = "cdpo"
@@ -214,6 +216,47 @@ class PathsConfig:
     cache_dir: str = MISSING
 
 
+class RewardSource(str, Enum):
+    model = "model"
+    gold = "gold"
+
+
+@dataclass
+class PPOSection:
+    reward: RewardSource = RewardSource.model
+    total_iterations: int = 100
+    total_episodes: Optional[int] = None
+    rollout_batch_size: int = 64
+    minibatch_size: int = 16
+    micro_batch_size: Optional[int] = None
+    ppo_epochs: int = 4
+    lr: float = 3e-6
+    value_lr: Optional[float] = None
+    anneal_lr: bool = False
+    max_grad_norm: Optional[float] = 1.0
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    target_kl: Optional[float] = None
+    horizon: int = 10000
+    temperature: float = 0.7
+    max_new_tokens: int = 48
+    missing_eos_penalty: Optional[float] = -1.0
+    whiten_advantages: bool = True
+    eval_every: int = 10
+
+
+@dataclass
+class RewardModelSection:
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 1e-5
+    max_grad_norm: Optional[float] = 1.0
+    eval_every: int = 50
+
+
 @dataclass
 class Config:
     model: ModelConfig = MISSING
@@ -227,6 +270,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    ppo: PPOSection = field(default_factory=PPOSection)
+    reward_model: RewardModelSection = field(default_factory=RewardModelSection)
     experiment_name: str = "default"
     seed: int = 0
     objective: str = "auto"
@@ -246,6 +291,8 @@ def needs_reference(loss: LossConfig) -> bool:
     from dpo_exp.losses import LOSSES_NEEDING_REFERENCE
 
     name = LossName(loss.name).value
+    if name in ("ppo", "reward_model"):  # PPO's per-token KL penalty needs π_ref; a reward model does not
+        return name == "ppo"
     return LOSSES_NEEDING_REFERENCE[name] and not loss.reference_free
 
 
@@ -285,6 +332,18 @@ def validate(cfg: Any) -> None:
                       ("model.name_or_path", cfg.model.name_or_path)]:
         if path and _looks_local(path) and not os.path.isdir(path):
             raise ConfigError(f"{key}={path} is not a folder; give a save_pretrained folder or a hub name")
+    if name == "ppo":
+        p = cfg.ppo
+        if RewardSource(p.reward) is RewardSource.gold and not cfg.task.gold_reward:
+            raise ConfigError(f"ppo.reward=gold needs a task with a gold reward; task={cfg.task.name} has none "
+                              "(use ppo.reward=model)")
+        if p.rollout_batch_size % p.minibatch_size:
+            raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} does not divide evenly into "
+                              f"ppo.minibatch_size={p.minibatch_size}")
+        if p.target_kl is not None and p.target_kl <= 0:
+            raise ConfigError(f"ppo.target_kl must be > 0 nats (got {p.target_kl}); null keeps kl_coef fixed")
+        if p.temperature <= 0:
+            raise ConfigError("ppo.temperature must be > 0: PPO's log-probs are of the tempered policy")
     if cfg.optimizer.warmup_steps < 0 or cfg.optimizer.lr <= 0:
         raise ConfigError("optimizer.lr must be > 0 and optimizer.warmup_steps >= 0")
 

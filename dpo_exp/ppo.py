@@ -37,6 +37,7 @@ with a zero-initialised head (lm-human-preferences). See `make_value_model`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -56,6 +57,8 @@ from tqdm.auto import tqdm
 from dpo_exp.data import TokenizedPair, collate_pairs, collate_sequences
 from dpo_exp.loggers import RunLogger
 from dpo_exp.models import autocast, disable_dropout, load_model, sample, torch_dtype
+from dpo_exp.reference import Reference
+from dpo_exp.trainer import count_flops, evaluate_and_log
 
 # (prompt_texts, prompt_ids, response_ids, response_texts) -> (B,) float scores
 ScoreFn = Callable[[Sequence[str], Sequence[list[int]], Sequence[list[int]], Sequence[str]], torch.Tensor]
@@ -245,10 +248,6 @@ def response_token_logps(model: nn.Module, batch: dict, temperature: float = 1.0
     return logps, entropy
 
 
-def n_params(model: Optional[nn.Module]) -> int:
-    return 0 if model is None else sum(p.numel() for p in model.parameters())
-
-
 # ======================================================================================
 # Scalar-head model: reward model and value model
 # ======================================================================================
@@ -372,8 +371,6 @@ def make_value_model(reward_model: Optional[ScalarHeadModel] = None, policy: Opt
 class GoldScorer:
     """Wraps a task gold reward (prompts, responses) -> list[float] as a PPO score_fn."""
 
-    n_params = 0  # no neural-network FLOPs
-
     def __init__(self, gold_reward: Callable[[Sequence[str], Sequence[str]], list[float]]):
         self.gold_reward = gold_reward
 
@@ -390,7 +387,6 @@ class RewardModelScorer:
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.precision = precision
-        self.n_params = n_params(reward_model)
 
     @torch.no_grad()
     def __call__(self, prompt_texts, prompt_ids, response_ids, response_texts) -> torch.Tensor:
@@ -626,7 +622,7 @@ class PPOTrainer:
     def __init__(self, policy: nn.Module, reference, score_fn: ScoreFn, value_model: ScalarHeadModel, tokenizer,
                  prompts: Sequence[list[int]], cfg: PPOConfig, logger: RunLogger, output_dir: Union[str, Path],
                  prompt_texts: Optional[Sequence[str]] = None, evaluator=None, eval_every: int = 10,
-                 eval_at_start: bool = True, save_final: bool = True):
+                 eval_at_start: bool = True, save_final: bool = True, count_flops_enabled: bool = True):
         if not prompts:
             raise ValueError("PPO needs training prompts")
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
@@ -671,23 +667,16 @@ class PPOTrainer:
         self._prompt_order: list[int] = []
         self.step = 0
         self.episodes = 0
-        self.flops = 0.0
+        self.flops = 0  # executed FLOPs of rollouts (generation, π, π_ref, value, reward model) and updates
+        self.train_seconds = 0.0
+        self.count_flops = count_flops_enabled
         self.last_eval: dict = {}
         self.history: list[dict] = []  # every iteration's metrics (also sent to the logger)
-        # Parameter-count FLOP ESTIMATE (Kaplan et al. 2020): 2·N per token for a forward
-        # pass, 6·N for forward + backward, over padded tokens actually processed; it
-        # ignores attention's O(L²) term and counts embeddings and the LM head in N.
-        self._n_policy = n_params(policy)
-        self._n_value = n_params(self.value_model)
-        self._n_score = int(getattr(score_fn, "n_params", 0))
 
     # ---- reference ------------------------------------------------------------------------
     def _reference_model(self):
-        from dpo_exp.reference import Reference
-
         if isinstance(self.reference, Reference):
             return self.reference.model()
-        import contextlib
         return contextlib.nullcontext(self.reference)
 
     # ---- rollout --------------------------------------------------------------------------
@@ -731,7 +720,9 @@ class PPOTrainer:
                     lp, ent = response_token_logps(self.policy, sub, cfg.temperature, with_entropy=True)
                     rlp, _ = response_token_logps(ref, sub, cfg.temperature)
                     v = self.value_model.forward_batch(sub)[:, -R - 1:-1]  # V(state before y_t)
-                logps.append(lp.float()), entropy.append(ent.float()), ref_logps.append(rlp.float())
+                logps.append(lp.float())
+                entropy.append(ent.float())
+                ref_logps.append(rlp.float())
                 values.append(v.float())
         self.policy.train()
         self.value_model.train()
@@ -754,22 +745,17 @@ class PPOTrainer:
             "train/kl": seq_kl.mean().item(),
             "train/rlhf_reward": (scores - kl_coef * seq_kl).mean().item(),
             "train/kl_coef": kl_coef,
-            "train/entropy": masked_mean(entropy, mask).item(),
+            "train/entropy": masked_mean(entropy, mask).item(),  # of π_T (logits/T), per token, old policy
             "train/response_length": mask.sum(-1).float().mean().item(),
             "train/eos_fraction": has_eos.float().mean().item(),
             "train/value_mean": masked_mean(values, mask).item(),
         }
-        # FLOP estimate. Generation with the KV cache: each of B rows processes ≈ L tokens
-        # (prompt width + generated steps). Then policy, π_ref (counted at the policy's size),
-        # value and reward-model forwards over the B × L padded tokens.
-        self.flops += 2 * self._n_policy * B * L
-        self.flops += 2 * (2 * self._n_policy + self._n_value + self._n_score) * B * L
         return Rollout(batch, logps, ref_logps, values, advantages, returns, scores, metrics)
 
     # ---- update ---------------------------------------------------------------------------
     def update(self, ro: Rollout) -> dict:
         cfg = self.cfg
-        B, L = ro.batch["input_ids"].shape
+        B = ro.batch["input_ids"].shape[0]
         R = ro.batch["response_mask"].shape[1]
         micro = cfg.micro_batch_size or cfg.minibatch_size
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0, "approx_kl": 0.0,
@@ -799,11 +785,11 @@ class PPOTrainer:
                         sums[key] += val.item() * weight
                 sums["grad_norm"] += self._clip(self.policy_params)
                 sums["value_grad_norm"] += self._clip(self.value_params)
-                self.policy_opt.step(), self.value_opt.step()
-                self.policy_sched.step(), self.value_sched.step()
-                self.policy_opt.zero_grad(set_to_none=True), self.value_opt.zero_grad(set_to_none=True)
+                for opt, sched in ((self.policy_opt, self.policy_sched), (self.value_opt, self.value_sched)):
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
                 n_minibatches += 1
-        self.flops += 6 * (self._n_policy + self._n_value) * B * L * cfg.ppo_epochs
         metrics = {f"train/{k}": v / n_minibatches for k, v in sums.items()}
         metrics["train/learning_rate"] = lr
         metrics["train/value_learning_rate"] = value_lr
@@ -816,12 +802,18 @@ class PPOTrainer:
     # ---- the loop -------------------------------------------------------------------------
     def train_iteration(self) -> dict:
         start = time.perf_counter()
-        ro = self.rollout()
+        with count_flops(self.count_flops) as counter:  # executed FLOPs, as the DPO trainer counts them
+            ro = self.rollout()
         rollout_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        metrics = {**ro.metrics, **self.update(ro)}
+        with count_flops(self.count_flops) as update_counter:
+            update_metrics = self.update(ro)
+        self.flops += counter.get_total_flops() + update_counter.get_total_flops()
+        metrics = {**ro.metrics, **update_metrics}
         metrics["train/update_seconds"] = time.perf_counter() - start
         metrics["train/rollout_seconds"] = rollout_seconds
+        self.train_seconds += rollout_seconds + metrics["train/update_seconds"]
+        metrics["train/seconds"] = self.train_seconds
         self.kl_ctl.update(ro.metrics["train/kl"], self.cfg.rollout_batch_size)
         self.episodes += self.cfg.rollout_batch_size
         self.step += 1
@@ -849,17 +841,9 @@ class PPOTrainer:
         return self.last_eval
 
     def evaluate(self) -> dict:
-        from dpo_exp.evaluation import EVAL_TABLE, SWEEP_COLUMNS, TABLE_COLUMNS
-
-        start = time.perf_counter()
-        metrics, tables = self.evaluator(self.policy, self.step)
-        metrics["eval/seconds"] = time.perf_counter() - start
-        self.logger.log(metrics, self.step)
-        for name, rows in tables.items():
-            if rows:
-                self.logger.table(name, TABLE_COLUMNS if name == EVAL_TABLE else SWEEP_COLUMNS, rows, self.step)
-        self.last_eval = {"step": self.step, **metrics}
-        return metrics
+        self.last_eval = evaluate_and_log(self.evaluator, self.policy, self.step, self.logger, self.flops,
+                                          self.train_seconds)
+        return self.last_eval
 
     def save_checkpoint(self, path: Path) -> None:
         """Policy (+ tokenizer) via save_pretrained; value model in path/value_model; optimizer

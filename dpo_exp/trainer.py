@@ -46,6 +46,24 @@ def count_flops(enabled: bool = True):
         yield counter
 
 
+def evaluate_and_log(evaluator: Evaluator, policy, step: int, logger: RunLogger, flops: float,
+                     train_seconds: float) -> dict:
+    """One evaluation, logged with the cost of reaching it (for frontiers and compute comparisons).
+
+    Shared by every training loop, so DPO, SFT and PPO evaluation points compare directly.
+    """
+    start = time.perf_counter()
+    metrics, tables = evaluator(policy, step)
+    metrics["eval/seconds"] = time.perf_counter() - start
+    metrics["cost/train_flops"] = float(flops)
+    metrics["cost/train_seconds"] = train_seconds
+    logger.log(metrics, step)
+    for name, rows in tables.items():
+        if rows:
+            logger.table(name, TABLE_COLUMNS if name == EVAL_TABLE else SWEEP_COLUMNS, rows, step)
+    return {"step": step, **metrics}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -206,18 +224,9 @@ class Trainer:
         return self.last_eval
 
     def evaluate(self) -> dict:
-        start = time.perf_counter()
-        metrics, tables = self.evaluator(self.policy, self.step)
-        metrics["eval/seconds"] = time.perf_counter() - start
-        # the cost of reaching this evaluation point, for frontiers and compute comparisons
-        metrics["cost/train_flops"] = float(self.flops)
-        metrics["cost/train_seconds"] = self.train_seconds
-        self.logger.log(metrics, self.step)
-        for name, rows in tables.items():
-            if rows:
-                self.logger.table(name, TABLE_COLUMNS if name == EVAL_TABLE else SWEEP_COLUMNS, rows, self.step)
-        self.last_eval = {"step": self.step, **metrics}
-        return metrics
+        self.last_eval = evaluate_and_log(self.evaluator, self.policy, self.step, self.logger, self.flops,
+                                          self.train_seconds)
+        return self.last_eval
 
     def save_checkpoint(self, path: Path) -> None:
         """Hugging Face format (save_pretrained) plus optimizer, scheduler and RNG state beside it."""

@@ -27,13 +27,13 @@ def one_thread():
 
 class ListSink:
     def __init__(self):
-        self.rows = []
+        self.rows, self.tables = [], []
 
     def log(self, metrics, step):
         self.rows.append({"step": step, **metrics})
 
-    def table(self, *args):
-        pass
+    def table(self, name, columns, rows, step):
+        self.tables.append((name, step))
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -303,10 +303,18 @@ def test_ppo_adaptive_kl_with_reward_model_scorer_and_reference_object(tmp_path)
     cfg = PPOConfig(rollout_batch_size=8, minibatch_size=4, micro_batch_size=2, ppo_epochs=2, total_iterations=2,
                     lr=1e-3, kl_coef=0.2, target_kl=0.01, horizon=8, max_new_tokens=4, show_progress=False)
     sink = ListSink()
+    calls = []
+
+    def evaluator(policy, step):  # the dpo_exp.evaluation.Evaluator call signature
+        calls.append(step)
+        return {"eval/gold_reward": 0.5}, {"eval/samples": [[step, "p", "y", 0.5, "r", 0.4]]}
+
     trainer = PPOTrainer(policy, reference, RewardModelScorer(rm, PAD), make_value_model(reward_model=rm), tokenizer,
-                         [[BOS, 3], [BOS, 4, 5]], cfg, RunLogger([sink]), tmp_path, save_final=False)
-    trainer.fit()
-    first, second = sink.rows
+                         [[BOS, 3], [BOS, 4, 5]], cfg, RunLogger([sink]), tmp_path, evaluator=evaluator,
+                         eval_every=1, save_final=False)
+    final = trainer.fit()
+    assert calls == [0, 1, 2] and final["step"] == 2 and sink.tables == [("eval/samples", s) for s in (0, 1, 2)]
+    first, second = [r for r in sink.rows if "train/reward" in r]
     # the first iteration starts with π = π_ref: KL exactly 0 → e = −0.2 → β·(1 − 0.2·8/8) = 0.16
     assert first["train/kl"] == pytest.approx(0.0, abs=1e-5)
     assert second["train/kl_coef"] == pytest.approx(0.2 * 0.8)
