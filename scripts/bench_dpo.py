@@ -25,9 +25,14 @@ How the comparison is kept fair:
   two truncation rules (dpo_exp: prompt end kept, response cut; TRL 1.16: keep_start on the
   whole sequence, no max_prompt_length) cannot make the objectives differ; the parent checks it.
 - Same torch thread count in every subprocess (--threads).
-- The losses of every step must agree to --loss-tolerance (fp32): step 1 is log 2 for both
-  (policy == reference), later steps only agree if tokenization, masks, averaging, clipping
-  and the optimizer all match.
+- Checks that both compute the same objective: TRL's token ids must equal dpo_exp's for every
+  pair; the losses of every step must agree to --loss-tolerance (fp32); and the first step's
+  mean summed policy log-probs are compared. Step 1's loss is log 2 for any tokenization
+  (policy == reference), so it is the later steps and the log-probs that catch a difference.
+
+Timings on a shared machine: the `cores` column is CPU seconds per wall second while timed;
+below ~90% of --threads, another process took CPU and the row is flagged. --repeats N runs the
+rows alternately N times and keeps each row's fastest run.
 
 Run (from the repository root; a few minutes on 2 CPU cores):
 
@@ -41,7 +46,6 @@ This is a benchmark, not a test: it exits non-zero only if the fp32 losses disag
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -294,7 +298,8 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
     # Dataset rows in the order dpo_exp visits them, then the unvisited pairs (so that a
     # precompute covers all pairs, as dpo_exp's does); a sequential sampler keeps the order.
     order = [i for step in plan for i in step]
-    order += [i for i in range(len(pairs)) if i not in set(order)]
+    visited = set(order)
+    order += [i for i in range(len(pairs)) if i not in visited]
     dataset = Dataset.from_dict({"prompt": [pairs[i].prompt for i in order],
                                  "chosen": [pairs[i].chosen for i in order],
                                  "rejected": [pairs[i].rejected for i in order]})
@@ -487,11 +492,15 @@ def main() -> None:
 
     import torch
     impls = ["dpo_exp", "trl"] if args.impl == "both" else [args.impl]
-    if "trl" in impls and importlib.util.find_spec("trl") is None:
-        print("TRL is not installed, so only dpo_exp is measured; for the comparison run: pip install -e .[bench]")
-        impls.remove("trl")
-        if not impls:
-            raise SystemExit(1)
+    if "trl" in impls:
+        try:
+            import trl  # noqa: F401  (imported here only to fail early and clearly)
+        except Exception as error:  # ImportError, or a trl whose own imports fail
+            print(f"TRL is not usable ({error.__class__.__name__}: {error}), so only dpo_exp is measured; "
+                  "for the comparison install the bench extra: pip install -e .[bench]")
+            impls.remove("trl")
+            if not impls:
+                raise SystemExit(1)
     variants = ["fp32"] + (["precompute"] if args.precompute_ref else []) + (["bf16"] if args.bf16 else [])
 
     settings = {"steps": args.steps, "warmup_steps_excluded": args.warmup_steps_excluded,

@@ -1,0 +1,92 @@
+"""A table per method of a multirun: best gold reward, the KL at that point, and the
+wall-clock and FLOPs spent to reach it (counted by torch's FlopCounterMode during the
+runs, not estimated here).
+
+    python scripts/compare.py outputs/multirun/<date>/<time>_compare_sentiment [--markdown]
+
+Cost to reach a point = the run's own training up to that evaluation (cost/train_*), plus
+the cached stages the method needs: the sampled preference pairs for Preferred-FT and DPO,
+the pairs and the reward model for PPO, nothing for PPO-GT (it queries the gold reward).
+π_SFT is shared by every method and reported once below the table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dpo_exp.results import read_runs, read_wandb_group  # noqa: E402
+
+
+def best_point(run) -> dict:
+    return max(run.points, key=lambda p: p["eval/gold_reward"])
+
+
+def rows(runs) -> list[dict]:
+    out = []
+    for run in sorted(runs, key=lambda r: (r.family, r.label)):
+        best = best_point(run)
+        out.append({
+            "method": run.label, "family": run.family,
+            "best gold reward": best["eval/gold_reward"], "KL at best": best["eval/kl"], "step": best["step"],
+            "seconds to best": best.get("cost/train_seconds", 0.0) + run.stage_cost("seconds"),
+            "TFLOPs to best": (best.get("cost/train_flops", 0.0) + run.stage_cost("flops")) / 1e12,
+            "TFLOPs whole run": (run.points[-1].get("cost/train_flops", 0.0) + run.stage_cost("flops")) / 1e12,
+        })
+    return out
+
+
+def family_costs(table: list[dict]) -> dict:
+    """Per family: the arm with the best gold reward, and what reaching it cost."""
+    best = {}
+    for row in table:
+        if row["family"] not in best or row["best gold reward"] > best[row["family"]]["best gold reward"]:
+            best[row["family"]] = row
+    return best
+
+
+def render(table: list[dict], markdown: bool) -> str:
+    columns = list(table[0])
+    columns.remove("family")
+    fmt = {"best gold reward": "{:.3f}", "KL at best": "{:.2f}", "step": "{}", "seconds to best": "{:.0f}",
+           "TFLOPs to best": "{:.3f}", "TFLOPs whole run": "{:.3f}", "method": "{}"}
+    cells = [[fmt[c].format(row[c]) for c in columns] for row in table]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        lines += ["| " + " | ".join(r) + " |" for r in cells]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", help="multirun or run folders under outputs/")
+    parser.add_argument("--wandb", help="read the runs of a W&B group instead: ENTITY/PROJECT/GROUP")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = parser.parse_args()
+    if not args.runs and not args.wandb:
+        parser.error("give run folders or --wandb")
+    runs = read_wandb_group(args.wandb) if args.wandb else read_runs(args.runs)
+    table = rows(runs)
+    print(render(table, args.markdown))
+    best = family_costs(table)
+    sft_flops = next((r.summary.get("cost/sft_flops") for r in runs if r.summary.get("cost/sft_flops")), None)
+    if sft_flops:
+        print(f"\nπ_SFT (shared by every method): {sft_flops / 1e12:.3f} TFLOPs")
+    if "dpo-family" in best and "ppo" in best:
+        d, p = best["dpo-family"], best["ppo"]
+        print(f"best DPO arm ({d['method']}): gold reward {d['best gold reward']:.3f} at KL {d['KL at best']:.2f}, "
+              f"{d['TFLOPs to best']:.3f} TFLOPs, {d['seconds to best']:.0f} s")
+        print(f"best PPO arm ({p['method']}): gold reward {p['best gold reward']:.3f} at KL {p['KL at best']:.2f}, "
+              f"{p['TFLOPs to best']:.3f} TFLOPs, {p['seconds to best']:.0f} s")
+        print(f"PPO / DPO compute to reach their best points: {p['TFLOPs to best'] / d['TFLOPs to best']:.2f}x FLOPs, "
+              f"{p['seconds to best'] / max(d['seconds to best'], 1e-9):.2f}x wall-clock")
+
+
+if __name__ == "__main__":
+    main()

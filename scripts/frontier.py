@@ -1,0 +1,70 @@
+"""Gold reward against KL(π‖π_ref) for every method and every evaluation point: the
+analogue of the DPO paper's Figure 2 (left), drawn from the runs of a multirun.
+
+    python scripts/frontier.py outputs/multirun/<date>/<time>_compare_sentiment [-o frontier.png]
+    python scripts/frontier.py --wandb ENTITY/PROJECT/GROUP -o frontier.png
+
+Each point is one evaluation: x = eval/kl (sequence-level KL from policy samples), y =
+eval/gold_reward, both computed by the same evaluator for every method. The reference
+policy π_SFT sits at KL 0 (eval/gold_reward_ref).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dpo_exp.results import read_runs, read_wandb_group  # noqa: E402
+
+STYLE = {"dpo-family": ("tab:red", "o"), "ppo": ("tab:blue", "s"), "ppo-gt": ("tab:green", "^"),
+         "sft": ("tab:gray", "D")}
+
+
+def draw(runs, out: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    families_seen = set()
+    for run in sorted(runs, key=lambda r: (r.family, r.label)):
+        color, marker = STYLE[run.family]
+        xs = [p["eval/kl"] for p in run.points]
+        ys = [p["eval/gold_reward"] for p in run.points]
+        label = {"dpo-family": "DPO", "ppo": "PPO (reward model)", "ppo-gt": "PPO-GT (gold reward)",
+                 "sft": "Preferred-FT"}[run.family]
+        ax.scatter(xs, ys, color=color, marker=marker, s=22, alpha=0.75,
+                   label=None if run.family in families_seen else label)
+        families_seen.add(run.family)
+        ax.annotate(run.label, (xs[-1], ys[-1]), fontsize=7, color=color, xytext=(3, 3), textcoords="offset points")
+    refs = [p["eval/gold_reward_ref"] for r in runs for p in r.points if "eval/gold_reward_ref" in p]
+    if refs:
+        ax.scatter([0], [refs[0]], color="black", marker="*", s=120, zorder=5, label="π_SFT (= π_ref)")
+    ax.set_xlabel("KL(π ‖ π_ref), nats per sequence (from policy samples)")
+    ax.set_ylabel("gold reward (mean over held-out prompts)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=150)
+    print(f"wrote {out} ({sum(len(r.points) for r in runs)} points from {len(runs)} runs)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", help="multirun or run folders under outputs/")
+    parser.add_argument("--wandb", help="read the runs of a W&B group instead: ENTITY/PROJECT/GROUP")
+    parser.add_argument("-o", "--out", default="frontier.png", help="PNG to write")
+    parser.add_argument("--title", default="Reward vs KL frontier", help="plot title")
+    args = parser.parse_args()
+    if not args.runs and not args.wandb:
+        parser.error("give run folders or --wandb")
+    runs = read_wandb_group(args.wandb) if args.wandb else read_runs(args.runs)
+    draw(runs, Path(args.out), args.title)
+
+
+if __name__ == "__main__":
+    main()
