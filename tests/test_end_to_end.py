@@ -164,3 +164,49 @@ def test_a_given_sft_checkpoint_is_used_instead_of_training(smoke_cfg, tmp_path,
 def test_bf16_autocast_runs_with_float32_log_probs(smoke_cfg):
     summary = train_module.run(smoke_cfg("trainer.precision=bf16"))
     assert math.isfinite(summary["eval/loss"])
+
+
+PPO_KEYS = {"train/reward", "train/kl", "train/rlhf_reward", "train/kl_coef", "train/policy_loss", "train/value_loss",
+            "train/clipfrac", "train/approx_kl", "train/entropy", "train/response_length", "train/eos_fraction",
+            "train/rollout_seconds", "train/update_seconds"}
+
+
+def test_reward_model_then_ppo_reuse_one_cached_reward_model(smoke_cfg, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    rm = train_module.run(smoke_cfg("loss=reward_model", f"paths.cache_dir={cache}",
+                                    f"paths.output_dir={tmp_path / 'rm'}"))
+    assert {"eval/accuracy", "eval/loss", "eval/margin"} <= set(rm) and rm["cost/reward_model_flops"] > 0
+    capsys.readouterr()
+    cfg = smoke_cfg("loss=ppo", f"paths.cache_dir={cache}", f"paths.output_dir={tmp_path / 'ppo'}")
+    summary = train_module.run(cfg)
+    assert "training the reward model" not in capsys.readouterr().out  # found in the cache
+    assert len(list((cache / "reward_model").glob("*/COMPLETE"))) == 1
+    assert PPO_KEYS <= logged_keys(Path(cfg.paths.output_dir))
+    assert {"eval/kl", "eval/gold_reward", "eval/gold_reward_ref", "cost/train_flops"} <= set(summary)
+    assert summary["cost/train_flops"] > 0 and summary["cost/reward_model_flops"] > 0
+
+
+def test_ppo_with_the_gold_reward_needs_no_reward_model(smoke_cfg, tmp_path):
+    cfg = smoke_cfg("loss=ppo", "ppo.reward=gold", f"paths.cache_dir={tmp_path / 'cache'}")
+    summary = train_module.run(cfg)
+    assert not (tmp_path / "cache" / "reward_model").exists()
+    assert "cost/reward_model_flops" not in summary and summary["steps"] == 3
+
+
+@pytest.mark.slow
+def test_compare_preset_frontier_and_table(tmp_path):
+    """The comparison multirun (4 of its arms, tiny budget), then the frontier PNG and the table."""
+    cmd = [sys.executable, "-m", "dpo_exp.train", "experiment=compare_sentiment", "debug=smoke",
+           "method=preferred_ft,dpo_b0p1,ppo_kl3,ppo_gt", f"paths.root_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = next((tmp_path / "outputs" / "multirun").glob("*/*"))
+    png = tmp_path / "frontier.png"
+    subprocess.run([sys.executable, "scripts/frontier.py", str(sweep), "-o", str(png)], cwd=ROOT, check=True,
+                   timeout=300)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = subprocess.run([sys.executable, "scripts/compare.py", str(sweep)], cwd=ROOT, check=True, timeout=300,
+                           capture_output=True, text=True).stdout
+    for label in ("Preferred-FT", "DPO β=0.1", "PPO target KL=3", "PPO-GT", "PPO / DPO compute"):
+        assert label in table
+    assert proc.stdout.count("training π_SFT") == 1 and proc.stdout.count("training the reward model") == 1
