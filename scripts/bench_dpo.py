@@ -51,6 +51,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -239,7 +240,7 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
         reference.precompute("train", pairs, tokenizer.pad_token_id, settings["batch_size"])
     setup_seconds = time.perf_counter() - setup_start
 
-    out_dir = Path(tempfile.mkdtemp(prefix="bench_dpo_exp_"))
+    out_dir = Path(tempfile.mkdtemp(prefix="dpo_exp_run_", dir=workdir))  # removed with the fixture
     trainer = Trainer(
         policy, build_algorithm(LossConfig(name=LossName.dpo, beta=settings["beta"])), pairs,
         tokenizer.pad_token_id,
@@ -306,7 +307,7 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32, attn_implementation="sdpa")
-    out_dir = Path(tempfile.mkdtemp(prefix="bench_trl_"))
+    out_dir = Path(tempfile.mkdtemp(prefix="trl_run_", dir=workdir))
     args = DPOConfig(
         output_dir=str(out_dir), per_device_train_batch_size=settings["batch_size"], gradient_accumulation_steps=1,
         max_steps=settings["steps"], learning_rate=settings["lr"], lr_scheduler_type="constant", warmup_steps=0,
@@ -508,6 +509,9 @@ def main() -> None:
                 "max_grad_norm": 10.0, "max_length": 256, "max_prompt_length": 128, "vocab_size": 8192, "seed": 0,
                 "threads": args.threads or torch.get_num_threads(),
                 "versions": {name: installed_version(name) for name in ("torch", "transformers", "trl")}}
+    # On SIGTERM, exit normally instead: the running worker is killed by subprocess.run and the
+    # fixture folder is removed by the `finally` below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     try:
         print(f"building the fixture in {workdir}")
