@@ -9,6 +9,7 @@ both). Generation-based evaluation samples the held-out prompts.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 
 from dpo_exp import loaders
@@ -47,9 +48,7 @@ class PreferenceTask:
         prompts = sorted({p.prompt for p in pairs})
         random.Random(self.cfg.seed).shuffle(prompts)
         held, count = set(), 0
-        per_prompt = {}
-        for p in pairs:
-            per_prompt[p.prompt] = per_prompt.get(p.prompt, 0) + 1
+        per_prompt = Counter(p.prompt for p in pairs)
         for prompt in prompts:
             if count >= self.cfg.data.eval_size:
                 break
