@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dpo_exp.data import collate_sequences
@@ -137,18 +138,29 @@ class SequenceLogps:
 
 
 def sequence_logps(model: PreTrainedModel, batch: dict) -> SequenceLogps:
-    """Summed log π(response | prompt) for each row of a left-padded batch (data.collate_sequences)."""
+    """Summed log π(response | prompt) for each row of a left-padded batch (data.collate_sequences).
+
+    Only the positions that predict a real response token go through the LM head (a boolean
+    `logits_to_keep`), so padding and prompt positions never cost a (V,)-wide float32 row.
+    """
     device = next(model.parameters()).device
-    mask = batch["response_mask"].to(device)
+    input_ids = batch["input_ids"].to(device)
+    mask = batch["response_mask"].to(device)                     # (N, R) over the last R tokens
+    n, total = input_ids.shape
     width = mask.shape[1]
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                position_ids=batch["position_ids"].to(device), logits_to_keep=width + 1, use_cache=False)
-    logits = out.logits[:, :-1]                          # (N, R, V): predictions of the last R tokens
+    if width >= total:
+        raise ValueError("every sequence needs at least one prompt token before its response")
+    predicts = torch.zeros((n, total), dtype=torch.bool, device=device)
+    predicts[:, total - width - 1:total - 1] = mask               # position t predicts token t + 1
+    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
+                position_ids=batch["position_ids"].to(device), logits_to_keep=predicts, use_cache=False)
+    logits = out.logits if out.logits.dim() == 2 else out.logits[predicts]  # (K, V), row-major order
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
-    labels = batch["input_ids"][:, -width:].to(device)    # (N, R)
-    token_logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    token_logps = token_logps * mask
-    return SequenceLogps(token_logps.sum(-1), mask.sum(-1))
+    labels = input_ids[:, -width:][mask]                                    # (K,)
+    token_logps = -F.cross_entropy(logits, labels, reduction="none")
+    rows = torch.arange(n, device=device).unsqueeze(1).expand(n, width)[mask]
+    logps = torch.zeros(n, dtype=token_logps.dtype, device=device).index_add(0, rows, token_logps)
+    return SequenceLogps(logps, mask.sum(-1))
 
 
 @dataclass
