@@ -48,6 +48,8 @@ def get_or_build(cache_dir: str | Path, kind: str, key: Any, build: Callable[[Pa
             return final
         if final.exists():  # left by a crash before the rename finished; never reuse it
             shutil.rmtree(final)
+        for stale in final.parent.glob(f"{digest}.tmp*"):  # a build killed by a signal; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{digest}.tmp", dir=final.parent))
         try:
             build(tmp)

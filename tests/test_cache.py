@@ -53,3 +53,25 @@ def test_different_settings_get_different_entries(tmp_path):
     a = get_or_build(tmp_path, "sft", {"seed": 0}, lambda f: None)
     b = get_or_build(tmp_path, "sft", {"seed": 1}, lambda f: None)
     assert a != b
+
+
+def _build_forever(cache_dir: str) -> None:
+    def build(folder: Path) -> None:
+        (folder / "half.bin").write_text("partial")
+        time.sleep(600)
+
+    get_or_build(cache_dir, "sft", {"seed": 0}, build)
+
+
+def test_a_build_killed_by_a_signal_is_cleaned_up_by_the_next_job(tmp_path):
+    job = mp.get_context("spawn").Process(target=_build_forever, args=(str(tmp_path),))
+    job.start()
+    deadline = time.time() + 60
+    while not list((tmp_path / "sft").glob("*.tmp*/half.bin")) and time.time() < deadline:
+        time.sleep(0.1)
+    job.kill()  # SIGKILL: no exception handler runs, the half-built folder stays
+    job.join(10)
+    assert list((tmp_path / "sft").glob("*.tmp*"))
+    folder = get_or_build(tmp_path, "sft", {"seed": 0}, lambda f: (f / "model.txt").write_text("weights"))
+    assert (folder / "model.txt").read_text() == "weights"
+    assert not list((tmp_path / "sft").glob("*.tmp*"))
