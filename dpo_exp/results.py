@@ -30,6 +30,25 @@ class Run:
         return sum(self.summary.get(f"cost/{stage}_{unit}", 0.0) for stage in STAGES[self.family])
 
 
+def cheapest_to_reach(runs: Iterable[Run], family: str, level: float) -> Optional[dict]:
+    """Over every arm of `family`, the evaluation point that first reaches gold reward >= level
+    at the smallest total cost (the run's training so far plus its cached stages)."""
+    best = None
+    for run in runs:
+        if run.family != family:
+            continue
+        for point in run.points:
+            if point["eval/gold_reward"] >= level:
+                cost = {"method": run.label, "step": point["step"], "gold": point["eval/gold_reward"],
+                        "kl": point["eval/kl"],
+                        "tflops": (point.get("cost/train_flops", 0.0) + run.stage_cost("flops")) / 1e12,
+                        "seconds": point.get("cost/train_seconds", 0.0) + run.stage_cost("seconds")}
+                if best is None or cost["tflops"] < best["tflops"]:
+                    best = cost
+                break
+    return best
+
+
 def describe(config: dict) -> tuple[str, str]:
     """(label, family) of a run from its composed config."""
     loss = config["loss"]

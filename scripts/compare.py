@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpo_exp.results import read_runs, read_wandb_group  # noqa: E402
+from dpo_exp.results import cheapest_to_reach, read_runs, read_wandb_group  # noqa: E402
 
 
 def best_point(run) -> dict:
@@ -86,6 +86,15 @@ def main() -> None:
               f"{p['TFLOPs to best']:.3f} TFLOPs, {p['seconds to best']:.0f} s")
         print(f"PPO / DPO compute to reach their best points: {p['TFLOPs to best'] / d['TFLOPs to best']:.2f}x FLOPs, "
               f"{p['seconds to best'] / max(d['seconds to best'], 1e-9):.2f}x wall-clock")
+        level = min(d["best gold reward"], p["best gold reward"])
+        reach = {family: cheapest_to_reach(runs, family, level) for family in ("dpo-family", "ppo")}
+        print(f"cheapest point reaching gold reward {level:.3f} (the level both families reach):")
+        for family, c in reach.items():
+            print(f"  {family}: {c['method']} step {c['step']}, gold {c['gold']:.3f} at KL {c['kl']:.2f}, "
+                  f"{c['tflops']:.3f} TFLOPs, {c['seconds']:.0f} s")
+        ratio_flops = reach["ppo"]["tflops"] / reach["dpo-family"]["tflops"]
+        ratio_seconds = reach["ppo"]["seconds"] / max(reach["dpo-family"]["seconds"], 1e-9)
+        print(f"  PPO / DPO compute to reach it: {ratio_flops:.2f}x FLOPs, {ratio_seconds:.2f}x wall-clock")
 
 
 if __name__ == "__main__":

@@ -207,6 +207,6 @@ def test_compare_preset_frontier_and_table(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = subprocess.run([sys.executable, "scripts/compare.py", str(sweep)], cwd=ROOT, check=True, timeout=300,
                            capture_output=True, text=True).stdout
-    for label in ("Preferred-FT", "DPO β=0.1", "PPO target KL=3", "PPO-GT", "PPO / DPO compute"):
+    for label in ("Preferred-FT", "DPO β=0.1", "PPO target KL=3", "PPO-GT", "PPO / DPO compute", "cheapest point reaching"):
         assert label in table
     assert proc.stdout.count("training π_SFT") == 1 and proc.stdout.count("training the reward model") == 1

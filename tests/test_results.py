@@ -1,0 +1,24 @@
+"""Reading runs back for the comparison: the cost of reaching a gold-reward level."""
+from dpo_exp.results import Run, cheapest_to_reach
+
+
+def _point(step, gold, kl, flops, seconds):
+    return {"step": step, "eval/gold_reward": gold, "eval/kl": kl, "cost/train_flops": flops,
+            "cost/train_seconds": seconds}
+
+
+def test_cheapest_point_reaching_a_level_counts_training_so_far_plus_cached_stages():
+    stages = {"cost/pair_sampling_flops": 1e12, "cost/pair_sampling_seconds": 10.0,
+              "cost/reward_model_flops": 2e12, "cost/reward_model_seconds": 20.0}
+    dpo_slow = Run("DPO β=1", "dpo-family", [_point(0, 0.6, 0, 0, 0), _point(50, 0.80, 3, 4e12, 40)], stages)
+    # reaches the level at step 20, then again later (the later, costlier point must not count)
+    dpo_fast = Run("DPO β=0.1", "dpo-family", [_point(0, 0.6, 0, 0, 0), _point(20, 0.85, 5, 2e12, 20),
+                                               _point(40, 0.90, 8, 4e12, 40)], stages)
+    ppo = Run("PPO target KL=6", "ppo", [_point(0, 0.6, 0, 0, 0), _point(10, 0.82, 4, 3e12, 90)], stages)
+
+    dpo = cheapest_to_reach([dpo_slow, dpo_fast, ppo], "dpo-family", 0.8)
+    assert (dpo["method"], dpo["step"]) == ("DPO β=0.1", 20)
+    assert dpo["tflops"] == 2.0 + 1.0 and dpo["seconds"] == 20 + 10          # + sampled pairs
+    reached = cheapest_to_reach([dpo_slow, dpo_fast, ppo], "ppo", 0.8)
+    assert reached["tflops"] == 3.0 + 1.0 + 2.0 and reached["seconds"] == 90 + 10 + 20  # + pairs + reward model
+    assert cheapest_to_reach([dpo_slow, dpo_fast, ppo], "ppo", 0.95) is None
