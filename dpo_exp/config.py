@@ -17,7 +17,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
-class LossName(str, Enum):
+class Choice(str, Enum):
+    """A config option spelled as a string; prints (and interpolates, e.g. in experiment_name) as its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class LossName(Choice):
     reward_model = "reward_model"
     ppo = "ppo"
     sft = "sft"
@@ -30,23 +37,23 @@ class LossName(str, Enum):
     simpo = "simpo"
 
 
-class OptimizerName(str, Enum):
+class OptimizerName(Choice):
     rmsprop = "rmsprop"
     adamw = "adamw"
 
 
-class Schedule(str, Enum):
+class Schedule(Choice):
     constant = "constant"
     linear = "linear"
     cosine = "cosine"
 
 
-class Precision(str, Enum):
+class Precision(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
 
 
-class LoggerName(str, Enum):
+class LoggerName(Choice):
     none = "none"
     wandb = "wandb"
 
@@ -75,12 +82,12 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
-class OnInvalid(str, Enum):
+class OnInvalid(Choice):
     skip = "skip"
     error = "error"
 
 
-class Truncation(str, Enum):
+class Truncation(Choice):
     keep_end = "keep_end"
     keep_start = "keep_start"
 
@@ -216,7 +223,7 @@ class PathsConfig:
     cache_dir: str = MISSING
 
 
-class RewardSource(str, Enum):
+class RewardSource(Choice):
     model = "model"
     gold = "gold"
 
