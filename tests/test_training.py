@@ -31,6 +31,15 @@ def test_sequence_logps_equal_an_unpadded_forward(tiny_lm):
         assert batched.lengths[i].item() == len(r)
 
 
+def test_sequence_logps_of_an_empty_response_is_zero_and_leaves_other_rows_alone(tiny_lm):
+    model, _ = tiny_lm
+    prompts, responses = [[1, 5, 6], [1, 5]], [[], [7, 9, 2]]
+    batched = sequence_logps(model, collate_sequences(prompts, responses, pad_id=0))
+    alone = sequence_logps(model, collate_sequences(prompts[1:], responses[1:], pad_id=0))
+    assert batched.logps[0].item() == 0.0 and batched.lengths.tolist() == [0, 3]
+    torch.testing.assert_close(batched.logps[1], alone.logps[0], rtol=1e-6, atol=1e-6)
+
+
 def test_batch_plan_keeps_every_example_and_reshuffles_each_epoch():
     plan = batch_plan(10, batch_size=4, epochs=2, max_steps=None, seed=0)
     assert [len(b) for b in plan] == [4, 4, 4, 4, 4]
