@@ -29,6 +29,10 @@ class Run:
     def stage_cost(self, unit: str = "flops") -> float:
         return sum(self.summary.get(f"cost/{stage}_{unit}", 0.0) for stage in STAGES[self.family])
 
+    def cost_at(self, point: dict, unit: str = "flops") -> float:
+        """What reaching an evaluation point cost: the run's training so far plus its cached stages."""
+        return point.get(f"cost/train_{unit}", 0.0) + self.stage_cost(unit)
+
 
 def cheapest_to_reach(runs: Iterable[Run], family: str, level: float) -> Optional[dict]:
     """Over every arm of `family`, the evaluation point that first reaches gold reward >= level
@@ -41,8 +45,7 @@ def cheapest_to_reach(runs: Iterable[Run], family: str, level: float) -> Optiona
             if point["eval/gold_reward"] >= level:
                 cost = {"method": run.label, "step": point["step"], "gold": point["eval/gold_reward"],
                         "kl": point["eval/kl"],
-                        "tflops": (point.get("cost/train_flops", 0.0) + run.stage_cost("flops")) / 1e12,
-                        "seconds": point.get("cost/train_seconds", 0.0) + run.stage_cost("seconds")}
+                        "tflops": run.cost_at(point) / 1e12, "seconds": run.cost_at(point, "seconds")}
                 if best is None or cost["tflops"] < best["tflops"]:
                     best = cost
                 break

@@ -31,9 +31,9 @@ def rows(runs) -> list[dict]:
         out.append({
             "method": run.label, "family": run.family,
             "best gold reward": best["eval/gold_reward"], "KL at best": best["eval/kl"], "step": best["step"],
-            "seconds to best": best.get("cost/train_seconds", 0.0) + run.stage_cost("seconds"),
-            "TFLOPs to best": (best.get("cost/train_flops", 0.0) + run.stage_cost("flops")) / 1e12,
-            "TFLOPs whole run": (run.points[-1].get("cost/train_flops", 0.0) + run.stage_cost("flops")) / 1e12,
+            "seconds to best": run.cost_at(best, "seconds"),
+            "TFLOPs to best": run.cost_at(best) / 1e12,
+            "TFLOPs whole run": run.cost_at(run.points[-1]) / 1e12,
         })
     return out
 
