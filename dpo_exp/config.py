@@ -24,19 +24,6 @@ class Choice(str, Enum):
         return self.value
 
 
-class LossName(Choice):
-    reward_model = "reward_model"
-    ppo = "ppo"
-    sft = "sft"
-    dpo = "dpo"
-    cdpo = "cdpo"
-    rdpo = "rdpo"
-    ipo = "ipo"
-    hinge = "hinge"
-    rpo = "rpo"
-    simpo = "simpo"
-
-
 class OptimizerName(Choice):
     rmsprop = "rmsprop"
     adamw = "adamw"
@@ -137,7 +124,7 @@ class TaskConfig:
 
 @dataclass
 class LossConfig:
-    name: LossName = LossName.dpo
+    name: str = "dpo"  # a registered algorithm (dpo_exp.algorithms.REGISTRY); unknown names fail in validate
     beta: float = 0.1
     reference_free: bool = False
     label_smoothing: float = 0.0
@@ -166,9 +153,9 @@ class SFTConfig:
     epochs: float = 1.0
     max_steps: Optional[int] = None
     batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 20
     max_length: int = 128
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
+        name=OptimizerName.adamw, lr=1e-3, warmup_steps=20, schedule=Schedule.cosine, max_grad_norm=1.0))
 
 
 @dataclass
@@ -253,15 +240,28 @@ class PPOSection:
     missing_eos_penalty: Optional[float] = -1.0
     whiten_advantages: bool = True
     eval_every: int = 10
+    adam_eps: float = 1e-5
+    weight_decay: float = 0.0
+    forward_batch_size: int = 64
+    generation_batch_size: int = 64
 
 
 @dataclass
 class RewardModelSection:
     epochs: float = 1.0
     batch_size: int = 32
-    lr: float = 1e-5
-    max_grad_norm: Optional[float] = 1.0
     eval_every: int = 50
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
+        name=OptimizerName.adamw, lr=1e-5, eps=1e-5, warmup_steps=0, schedule=Schedule.constant, max_grad_norm=1.0))
+
+
+@dataclass
+class OnlineDPOSection:
+    annotator: RewardSource = RewardSource.model
+    loss: str = "dpo"
+    temperature: float = 1.0
+    max_new_tokens: Optional[int] = None
+    generation_batch_size: int = 128
 
 
 @dataclass
@@ -279,6 +279,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     ppo: PPOSection = field(default_factory=PPOSection)
     reward_model: RewardModelSection = field(default_factory=RewardModelSection)
+    online_dpo: OnlineDPOSection = field(default_factory=OnlineDPOSection)
     experiment_name: str = "default"
     seed: int = 0
     objective: str = "auto"
@@ -293,28 +294,36 @@ class ConfigError(ValueError):
     """A config that composes but cannot run; the message says what to change."""
 
 
-def needs_reference(loss: LossConfig) -> bool:
-    """Whether training with this loss needs π_ref log-probs."""
-    from dpo_exp.losses import LOSSES_NEEDING_REFERENCE
+def algorithm_of(cfg: Any):
+    """The registered algorithm class that loss.name selects (ConfigError listing the registered ones)."""
+    from dpo_exp.algorithms import algorithm_class
 
-    name = LossName(loss.name).value
-    if name in ("ppo", "reward_model"):  # PPO's per-token KL penalty needs π_ref; a reward model does not
-        return name == "ppo"
-    return LOSSES_NEEDING_REFERENCE[name] and not loss.reference_free
+    try:
+        return algorithm_class(str(cfg.loss.name))
+    except KeyError as err:
+        raise ConfigError(err.args[0]) from None
 
 
 def validate(cfg: Any) -> None:
-    """Checks that need more than one key; raises ConfigError before any model loads."""
+    """Checks that need more than one key; raises ConfigError before any model loads.
+
+    What is checked follows the selected algorithm's declarations (its needs, and the config
+    sections it reads), never its name.
+    """
+    from dpo_exp.losses import VARIANTS
+
+    algorithm = algorithm_of(cfg)
+    needs = algorithm.needs(cfg)
     loss = cfg.loss
-    name = LossName(loss.name).value
+    name = str(loss.name)
     if loss.beta <= 0:
         raise ConfigError(f"loss.beta must be > 0 (got {loss.beta}); the DPO paper uses 0.1 (0.5 for TL;DR)")
-    if name in ("cdpo", "rdpo") and not 0 <= loss.label_smoothing < 0.5:
+    if not 0 <= loss.label_smoothing < 0.5:
         raise ConfigError(
-            f"loss.label_smoothing must be in [0, 0.5) for {name} (got {loss.label_smoothing}); "
-            "it is the assumed probability that a preference label is flipped")
-    if loss.reference_free and name not in ("dpo", "cdpo", "rdpo", "ipo", "hinge", "rpo"):
-        raise ConfigError(f"loss.reference_free=true only applies to reference-based losses, not {name}")
+            f"loss.label_smoothing must be in [0, 0.5) (got {loss.label_smoothing}); "
+            "it is the assumed probability that a preference label is flipped (cdpo, rdpo)")
+    if loss.reference_free and not (name in VARIANTS and VARIANTS[name].uses_reference):
+        raise ConfigError(f"loss.reference_free=true only applies to reference-based preference losses, not {name}")
     t = cfg.trainer
     if t.batch_size <= 0 or t.grad_accumulation_steps <= 0:
         raise ConfigError("trainer.batch_size and trainer.grad_accumulation_steps must be positive")
@@ -327,11 +336,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError(
             f"data.max_prompt_length={cfg.data.max_prompt_length} leaves no room for a response "
             f"within data.max_length={cfg.data.max_length}")
-    if needs_reference(loss) and not cfg.reference.enabled:
+    if needs.reference and not cfg.reference.enabled:
         raise ConfigError(
             f"loss={name} needs a reference model but reference.enabled=false; set "
             "reference.enabled=true, use loss.reference_free=true, or pick a loss without one (simpo, sft)")
-    if needs_reference(loss) and cfg.reference.name_or_path is None and not _has_initial_policy(cfg):
+    if needs.reference and cfg.reference.name_or_path is None and not _has_initial_policy(cfg):
         raise ConfigError(
             f"loss={name} needs a reference model but none is available: set "
             "reference.name_or_path, model.name_or_path or sft.train=true, or use loss.reference_free=true")
@@ -339,20 +348,40 @@ def validate(cfg: Any) -> None:
                       ("model.name_or_path", cfg.model.name_or_path)]:
         if path and _looks_local(path) and not os.path.isdir(path):
             raise ConfigError(f"{key}={path} is not a folder; give a save_pretrained folder or a hub name")
-    if name == "ppo":
-        p = cfg.ppo
-        if RewardSource(p.reward) is RewardSource.gold and not cfg.task.gold_reward:
-            raise ConfigError(f"ppo.reward=gold needs a task with a gold reward; task={cfg.task.name} has none "
-                              "(use ppo.reward=model)")
-        if p.rollout_batch_size % p.minibatch_size:
-            raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} does not divide evenly into "
-                              f"ppo.minibatch_size={p.minibatch_size}")
-        if p.target_kl is not None and p.target_kl <= 0:
-            raise ConfigError(f"ppo.target_kl must be > 0 nats (got {p.target_kl}); null keeps kl_coef fixed")
-        if p.temperature <= 0:
-            raise ConfigError("ppo.temperature must be > 0: PPO's log-probs are of the tempered policy")
-    if cfg.optimizer.warmup_steps < 0 or cfg.optimizer.lr <= 0:
-        raise ConfigError("optimizer.lr must be > 0 and optimizer.warmup_steps >= 0")
+    for key, opt in [("optimizer", cfg.optimizer), ("sft.optimizer", cfg.sft.optimizer),
+                     ("reward_model.optimizer", cfg.reward_model.optimizer)]:
+        if opt.warmup_steps < 0 or opt.lr <= 0:
+            raise ConfigError(f"{key}.lr must be > 0 and {key}.warmup_steps >= 0")
+    if needs.rollouts and cfg.eval.kl and not cfg.reference.enabled:
+        raise ConfigError(f"loss={name} samples from the policy and is measured by KL(π‖π_ref): keep reference.enabled")
+    if "ppo" in algorithm.sections:
+        _validate_ppo(cfg)
+    if "online_dpo" in algorithm.sections:
+        o = cfg.online_dpo
+        if o.loss not in VARIANTS or not VARIANTS[o.loss].uses_reference:
+            raise ConfigError(f"online_dpo.loss={o.loss} must be a reference-based preference loss: "
+                              f"{', '.join(n for n, v in VARIANTS.items() if v.uses_reference)}")
+        if o.temperature <= 0:
+            raise ConfigError("online_dpo.temperature must be > 0: pairs are samples of the policy")
+    for section, source in (("ppo", "reward"), ("online_dpo", "annotator")):
+        if section in algorithm.sections and RewardSource(cfg[section][source]) is RewardSource.gold \
+                and not cfg.task.gold_reward:
+            raise ConfigError(f"{section}.{source}=gold needs a task with a gold reward; task={cfg.task.name} has "
+                              f"none (use {section}.{source}=model)")
+
+
+def _validate_ppo(cfg: Any) -> None:
+    p = cfg.ppo
+    if p.rollout_batch_size % p.minibatch_size:
+        raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} does not divide evenly into "
+                          f"ppo.minibatch_size={p.minibatch_size}")
+    if p.micro_batch_size is not None and p.minibatch_size % p.micro_batch_size:
+        raise ConfigError(f"ppo.minibatch_size={p.minibatch_size} does not divide evenly into "
+                          f"ppo.micro_batch_size={p.micro_batch_size}")
+    if p.target_kl is not None and p.target_kl <= 0:
+        raise ConfigError(f"ppo.target_kl must be > 0 nats (got {p.target_kl}); null keeps kl_coef fixed")
+    if p.temperature <= 0:
+        raise ConfigError("ppo.temperature must be > 0: PPO's log-probs are of the tempered policy")
 
 
 def _looks_local(path: str) -> bool:

@@ -16,7 +16,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from dpo_exp.algorithms import PairLogps
+from dpo_exp.algorithms.preference import reward_metrics
+from dpo_exp.models import PairLogps
 from dpo_exp.data import TokenizedPair, collate_pairs
 from dpo_exp.models import Samples, autocast, logps_of_samples, sample, sequence_logps
 from dpo_exp.reference import Reference
@@ -35,10 +36,18 @@ class EvalPrompts:
 
 
 class Evaluator:
+    """Called by the loop as evaluate(policy, step) -> (metrics, tables).
+
+    Held-out pairs are scored with the algorithm's own pair loss where it has one (DPO family,
+    SFT, online DPO: eval/loss and its reward metrics); otherwise (PPO) with the implicit reward
+    β·log π/π_ref at `beta`, so every method reports eval/rewards/* on the same pairs.
+    """
+
     def __init__(self, algorithm, reference: Optional[Reference], pairs: Sequence[TokenizedPair],
                  prompts: EvalPrompts, tokenizer, gold_reward: Optional[GoldReward], generation, eval_cfg,
-                 batch_size: int, precision: str, seed: int):
+                 batch_size: int, precision: str, seed: int, beta: float = 0.1):
         self.algorithm = algorithm
+        self.beta = beta
         self.reference = reference
         self.pairs = list(pairs)
         self.tokenizer = tokenizer
@@ -79,13 +88,22 @@ class Evaluator:
                 seq = sequence_logps(policy, batch)
             pol = PairLogps.split(seq, with_rejected=True)
             ref = self.reference.pair_logps(batch, True, table="eval").to(device) if use_ref else None
-            out = self.algorithm(pol, ref)
-            loss_sum += out.loss.sum().item()
-            normaliser += self.algorithm.normaliser(batch).item()
-            for key, value in out.metrics.items():
-                values.setdefault(key, []).append(value.float().cpu())
-        metrics = {"eval/loss": loss_sum / normaliser}
-        metrics.update({f"eval/{k}": torch.cat(v).mean().item() for k, v in values.items()})
+            out = self.algorithm.pair_loss(pol, ref)
+            if out is not None:
+                loss_sum += out.loss.sum().item()
+                normaliser += self.algorithm.normaliser(batch).item()
+                pair_metrics = out.metrics
+            elif ref is not None:
+                pair_metrics = reward_metrics(self.beta * (pol.chosen - ref.chosen),
+                                              self.beta * (pol.rejected - ref.rejected), pol)
+            else:
+                pair_metrics = {}
+            for key, (total, count) in pair_metrics.items():
+                acc = values.setdefault(key, [0.0, 0.0])
+                acc[0] += float(total)
+                acc[1] += count
+        metrics = {"eval/loss": loss_sum / normaliser} if normaliser else {}
+        metrics.update({f"eval/{k}": total / count for k, (total, count) in values.items() if count})
         return metrics
 
     def _sample(self, model, temperature: Optional[float] = None) -> Samples:

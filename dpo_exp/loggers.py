@@ -4,11 +4,37 @@ of the wandb module), so `logger=none` simply means "files only".
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files, prints, logs and builds cache entries: the one place that
+    decides it (rank 0 of a torchrun job; always true for a single process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def console(message: str) -> None:
+    """A line for the researcher watching the run (main process only)."""
+    if is_main_process():
+        print(f"[dpo_exp] {message}", flush=True)
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str, enabled: bool = True):
+    """The progress bar with rate and ETA (stderr), shown by the main process only."""
+    bar = tqdm(total=total, desc=desc, disable=not (enabled and is_main_process()), dynamic_ncols=True,
+               mininterval=2.0)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def _plain(value: Any) -> Any:
@@ -87,10 +113,11 @@ def _has_netrc_key() -> bool:
 
 
 class RunLogger:
-    """Fans every call out to the sinks of this run."""
+    """Fans every call out to the sinks of this run; holds no sinks outside the main process."""
 
     def __init__(self, sinks: list):
-        self.sinks = sinks
+        self.is_main = is_main_process()
+        self.sinks = sinks if self.is_main else []
 
     def log(self, metrics: dict, step: int) -> None:
         for sink in self.sinks:

@@ -18,12 +18,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# name -> does the loss need reference log-probs (reference_free dpo is handled apart)
-LOSSES_NEEDING_REFERENCE = {
-    "dpo": True, "cdpo": True, "ipo": True, "rdpo": True, "hinge": True, "rpo": True,
-    "simpo": False, "sft": False,
+
+@dataclass(frozen=True)
+class Variant:
+    uses_reference: bool  # whether the loss reads π_ref log-probs (loss.reference_free=true drops them anyway)
+    paper: str
+
+
+# The variants `preference_loss` implements; each is registered as an algorithm under its name
+# (dpo_exp.algorithms.preference), so this table is the only list of them.
+VARIANTS = {
+    "dpo": Variant(True, "Rafailov et al. 2023"),
+    "cdpo": Variant(True, "conservative DPO / label smoothing"),
+    "rdpo": Variant(True, "Chowdhury et al. 2024"),
+    "ipo": Variant(True, "Azar et al. 2023"),
+    "hinge": Variant(True, "SLiC-HF / RSO"),
+    "rpo": Variant(True, "Pang et al. 2024"),
+    "simpo": Variant(False, "Meng et al. 2024"),
 }
-PREFERENCE_LOSSES = tuple(name for name in LOSSES_NEEDING_REFERENCE if name != "sft")
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,7 @@ def preference_loss(
         rejected_ratio = policy_rejected / rejected_length
         loss = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio) - gamma)
     else:
-        raise ValueError(f"unknown preference loss {name!r}; known: {', '.join(PREFERENCE_LOSSES)}")
+        raise ValueError(f"unknown preference loss {name!r}; known: {', '.join(VARIANTS)}")
 
     return LossOutput(loss, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
 

@@ -16,9 +16,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from dpo_exp.algorithms import PairLogps
 from dpo_exp.data import TokenizedPair, collate_pairs
-from dpo_exp.models import SequenceLogps, autocast, sequence_logps
+from dpo_exp.models import PairLogps, SequenceLogps, autocast, sequence_logps
 
 
 class Reference:

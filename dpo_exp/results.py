@@ -9,25 +9,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-import yaml
 
-# the cached stages each method pays for (besides its own training): Preferred-FT and DPO
-# need the sampled pairs, PPO with a reward model needs the pairs and the reward model,
-# PPO-GT queries the gold reward directly. π_SFT is shared by all and reported apart.
-STAGES = {"sft": ("pair_sampling",), "dpo-family": ("pair_sampling",), "ppo": ("pair_sampling", "reward_model"),
-          "ppo-gt": ()}
+# A run's label, family and the cached stages it pays for are written into its summary.json by
+# dpo_exp.train from the algorithm's own declarations (algorithm/label, /family, /stages);
+# nothing here knows an algorithm by name. π_SFT is shared by every method and reported apart.
 
 
 @dataclass
 class Run:
-    label: str                 # e.g. "dpo β=0.1", "ppo target KL=6", "ppo-gt"
-    family: str                # "sft" (Preferred-FT), "dpo-family", "ppo", "ppo-gt"
+    label: str                 # e.g. "DPO β=0.1", "PPO target KL=6", "PPO-GT"
+    family: str                # e.g. "sft" (Preferred-FT), "dpo-family", "online-dpo", "ppo", "ppo-gt"
     points: list[dict]         # evaluation rows of metrics.jsonl, in step order
     summary: dict = field(default_factory=dict)
     path: str = ""
 
     def stage_cost(self, unit: str = "flops") -> float:
-        return sum(self.summary.get(f"cost/{stage}_{unit}", 0.0) for stage in STAGES[self.family])
+        return sum(self.summary.get(f"cost/{stage}_{unit}", 0.0) for stage in self.summary.get("algorithm/stages", ()))
 
     def cost_at(self, point: dict, unit: str = "flops") -> float:
         """What reaching an evaluation point cost: the run's training so far plus its cached stages."""
@@ -52,31 +49,22 @@ def cheapest_to_reach(runs: Iterable[Run], family: str, level: float) -> Optiona
     return best
 
 
-def describe(config: dict) -> tuple[str, str]:
-    """(label, family) of a run from its composed config."""
-    loss = config["loss"]
-    name = loss["name"]
-    if name == "ppo":
-        ppo = config["ppo"]
-        if ppo["reward"] == "gold":
-            return "PPO-GT", "ppo-gt"
-        target = ppo.get("target_kl")
-        return (f"PPO target KL={target:g}" if target else f"PPO β={ppo['kl_coef']:g}"), "ppo"
-    if name == "sft":
-        return "Preferred-FT", "sft"
-    return f"{name.upper()} β={loss['beta']:g}", "dpo-family"
+def describe(summary: dict, where: str) -> tuple[str, str]:
+    """(label, family) of a finished run, as its algorithm declared them in summary.json."""
+    if "algorithm/label" not in summary:
+        raise SystemExit(f"{where}: summary.json has no algorithm/label (a run from before the algorithm "
+                         "registry); re-run it to compare it")
+    return summary["algorithm/label"], summary["algorithm/family"]
 
 
 def read_run(folder: Path) -> Optional[Run]:
-    metrics, config_file = folder / "metrics.jsonl", folder / ".hydra" / "config.yaml"
-    if not metrics.exists() or not config_file.exists():
-        return None
-    config = yaml.safe_load(config_file.read_text())
-    label, family = describe(config)
+    metrics, summary_file = folder / "metrics.jsonl", folder / "summary.json"
+    if not metrics.exists() or not summary_file.exists():
+        return None  # unfinished
+    summary = json.loads(summary_file.read_text())
+    label, family = describe(summary, str(folder))
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     points = [r for r in rows if "eval/kl" in r and "eval/gold_reward" in r]
-    summary_file = folder / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     return Run(label, family, sorted(points, key=lambda r: r["step"]), summary, str(folder))
 
 
@@ -98,7 +86,7 @@ def read_wandb_group(path: str) -> list[Run]:
     entity, project, group = path.split("/")
     runs = []
     for r in wandb.Api().runs(f"{entity}/{project}", filters={"group": group}):
-        label, family = describe(r.config)
+        label, family = describe(dict(r.summary), r.url)
         keys = ["step", "eval/kl", "eval/gold_reward", "eval/gold_reward_ref", "cost/train_flops", "cost/train_seconds"]
         points = [row for row in r.scan_history(keys=keys) if row.get("eval/kl") is not None]
         runs.append(Run(label, family, sorted(points, key=lambda p: p["step"]), dict(r.summary), r.url))

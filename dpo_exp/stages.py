@@ -11,15 +11,15 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dpo_exp.algorithms import SFTAlgorithm
+from dpo_exp.algorithms import Resources, algorithm_class
+from dpo_exp.algorithms.reward_model import RewardModelEvaluator, normalise_reward_model
 from dpo_exp.cache import cache_key, get_or_build
-from dpo_exp.config import LossConfig, LossName, OptimizerConfig, OptimizerName, Schedule, TrainerConfig
-from dpo_exp.data import PreferencePair, load_pairs, save_pairs, tokenize_pairs
-from dpo_exp.loggers import FileSink, RunLogger
-from dpo_exp.models import load_model, load_tokenizer, new_model, resolve_device, torch_dtype
-from dpo_exp.trainer import Trainer, count_flops, seed_everything
+from dpo_exp.data import PreferencePair, load_pairs, prompt_token_ids, save_pairs, tokenize_pairs
+from dpo_exp.loggers import FileSink, RunLogger, console
+from dpo_exp.loop import Loop, LoopSettings, count_flops, seed_everything
+from dpo_exp.models import ScalarHeadModel, load_model, load_tokenizer, new_model, resolve_device, torch_dtype
 
-CACHE_VERSION = 3  # bump when code changes what an entry holds
+CACHE_VERSION = 4  # bump when code changes what an entry holds
 COST_FILE = "cost.json"
 
 
@@ -68,7 +68,7 @@ def entry_cost(folder: Path) -> dict:
 
 def train_sft(cfg, task, out: Path) -> None:
     """The SFT stage: NLL on the task's SFT examples, saved with save_pretrained into `out`."""
-    print(f"[dpo_exp] training π_SFT into the cache ({out.parent})")
+    console(f"training π_SFT into the cache ({out.parent})")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     source = cfg.model.tokenizer or cfg.model.name_or_path
@@ -84,19 +84,25 @@ def train_sft(cfg, task, out: Path) -> None:
         model = new_model(OmegaConf.to_container(cfg.model.architecture), tokenizer, dtype, cfg.model.attn_implementation)
     model.to(device)
     s = cfg.sft
-    examples = tokenize_pairs(tokenizer, task.sft_examples(tokenizer), s.max_length, min(cfg.data.max_prompt_length, s.max_length - 1),
-                              task.keep_prompt_end)
-    trainer_cfg = TrainerConfig(batch_size=s.batch_size, epochs=s.epochs, max_steps=s.max_steps, log_every=10,
-                                save_final=False, eval_at_start=False, device=cfg.trainer.device,
-                                precision=cfg.trainer.precision, show_progress=cfg.trainer.show_progress)
-    optimizer_cfg = OptimizerConfig(name=OptimizerName.adamw, lr=s.lr, warmup_steps=s.warmup_steps,
-                                    schedule=Schedule.cosine, max_grad_norm=1.0)
+    examples = tokenize_pairs(tokenizer, task.sft_examples(tokenizer), s.max_length,
+                              min(cfg.data.max_prompt_length, s.max_length - 1), task.keep_prompt_end)
+    stage = stage_config(cfg, "sft", s.optimizer, batch_size=s.batch_size, epochs=s.epochs, max_steps=s.max_steps)
+    algorithm = algorithm_class("sft")("sft", stage, Resources(stage, tokenizer, device, policy=model,
+                                                               train_pairs=examples))
+    settings = LoopSettings.from_trainer(stage.trainer, log_every=10, save_final=False, eval_at_start=False)
     logger = RunLogger([FileSink(out)])
-    Trainer(model, SFTAlgorithm(LossConfig(name=LossName.sft)), examples, tokenizer.pad_token_id, trainer_cfg,
-            optimizer_cfg, logger, out, cfg.seed, label="sft").fit()
-    logger.finish()
+    try:
+        Loop(algorithm, settings, logger, out, label="sft").fit()
+    finally:
+        logger.finish()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def stage_config(cfg, algorithm: str, optimizer, **trainer):
+    """The run's config as a cached stage sees it: its algorithm, its optimizer section, its batching."""
+    return OmegaConf.merge(cfg, {"loss": {"name": algorithm}, "optimizer": optimizer,
+                                 "trainer": {"grad_accumulation_steps": 1, **trainer}})
 
 
 def pairs_key(cfg, sft_dir: str) -> dict:
@@ -109,7 +115,7 @@ def preference_data(cfg, task, sft_dir: str, tokenizer) -> tuple[list[Preference
     key = pairs_key(cfg, sft_dir)
 
     def build(out: Path) -> None:
-        print(f"[dpo_exp] building preference pairs into the cache ({out.parent})")
+        console(f"building preference pairs into the cache ({out.parent})")
         seed_everything(cfg.seed)
         train, evaluation, skipped = task.preference_pairs(Path(sft_dir), tokenizer)
         save_pairs(train, out / "train.jsonl")
@@ -132,40 +138,53 @@ def reward_model_dir(cfg, prep) -> Path:
 
     Its scores are normalised so that π_SFT's samples at PPO's temperature have mean 0.
     """
-    from dpo_exp.data import prompt_token_ids
-    from dpo_exp.ppo import RewardModelConfig, train_reward_model
-
     def build(out: Path) -> None:
-        print(f"[dpo_exp] training the reward model into the cache ({out.parent})")
+        console(f"training the reward model into the cache ({out.parent})")
         seed_everything(cfg.seed)
-        r = cfg.reward_model
-        rm_cfg = RewardModelConfig(batch_size=r.batch_size, epochs=r.epochs, lr=r.lr, max_grad_norm=r.max_grad_norm,
-                                   eval_every=r.eval_every, normalise_temperature=cfg.ppo.temperature,
-                                   normalise_max_new_tokens=cfg.ppo.max_new_tokens, dtype=cfg.model.policy_dtype,
-                                   precision=cfg.trainer.precision.value, seed=cfg.seed,
-                                   show_progress=cfg.trainer.show_progress)
-        prompts = sorted({p.prompt for p in prep.train_pairs})
+        r, device, tok = cfg.reward_model, prep.device, prep.tokenizer
+        dtype = torch_dtype(cfg.model.policy_dtype)
+        model = ScalarHeadModel(load_model(prep.sft_dir, dtype).to(device))
+        stage = stage_config(cfg, "reward_model", r.optimizer, batch_size=r.batch_size, epochs=r.epochs, max_steps=None)
+        algorithm = algorithm_class("reward_model")("reward_model", stage,
+                                                    Resources(stage, tok, device, reward_model=model,
+                                                              train_pairs=prep.train_tok))
+        precision = str(cfg.trainer.precision)
+        evaluate = RewardModelEvaluator(prep.eval_tok, tok.pad_token_id, cfg.trainer.eval_batch_size, precision)
+        settings = LoopSettings.from_trainer(stage.trainer, eval_every=r.eval_every, log_every=10,
+                                             eval_at_start=False, save_final=False)
         logger = RunLogger([FileSink(out)])
         try:
-            _, final = train_reward_model(prep.sft_dir, prep.train_tok, prep.eval_tok, prep.tokenizer, rm_cfg, logger,
-                                          out, normalise_prompts=[prompt_token_ids(prep.tokenizer, p) for p in prompts],
-                                          device=prep.device)
+            final = Loop(algorithm, settings, logger, out, evaluate=evaluate if prep.eval_tok else None).fit()
+            prompts = sorted({p.prompt for p in prep.train_pairs})
+            sft = load_model(prep.sft_dir, dtype).to(device)
+            stats = normalise_reward_model(model, sft, tok, [prompt_token_ids(tok, p) for p in prompts],
+                                           cfg.ppo.max_new_tokens, cfg.ppo.temperature, precision=precision)
+            norm = {"eval/offset": stats["offset"], "eval/sft_score_std": stats["std"]}
+            logger.log(norm, algorithm.iterations())
+            final.update(norm)
         finally:
             logger.finish()
+        model.save_pretrained(out, tok)
         (out / "final_metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
 
     return get_or_build(cfg.paths.cache_dir, "reward_model", reward_model_key(cfg, prep.sft_dir), measured(build))
 
 
+def stages_paid(needs) -> list[str]:
+    """The cached stages a method pays for besides π_SFT (shared by every method and reported apart):
+    the sampled pairs if it learns from them, directly or through a reward model; the reward model."""
+    stages = ["pair_sampling"] if (not needs.rollouts or needs.reward_model) else []
+    return stages + (["reward_model"] if needs.reward_model else [])
+
+
 def stage_costs(cfg, prep) -> dict:
     """FLOPs and seconds of the cached stages this run relies on (paid once, shared by the runs that reuse them)."""
-    from dpo_exp.config import LossName, RewardSource
+    from dpo_exp.config import algorithm_of
 
     costs = {}
     stages = [("sft", Path(cfg.paths.cache_dir) / "sft" / cache_key(sft_key(cfg))),
               ("pair_sampling", Path(cfg.paths.cache_dir) / "pairs" / cache_key(pairs_key(cfg, prep.sft_dir)))]
-    name = LossName(cfg.loss.name)
-    if name is LossName.reward_model or (name is LossName.ppo and RewardSource(cfg.ppo.reward) is RewardSource.model):
+    if algorithm_of(cfg).needs(cfg).reward_model:
         stages.append(("reward_model", Path(cfg.paths.cache_dir) / "reward_model"
                        / cache_key(reward_model_key(cfg, prep.sft_dir))))
     for stage, folder in stages:

@@ -1,14 +1,15 @@
 """Entry point: `python -m dpo_exp.train [GROUP=OPTION ...] [KEY=VALUE ...] [-m]`.
 
 compose (Hydra, typed schema) → validate → π_SFT (cached) → preference pairs (cached)
-→ policy, reference → algorithm → training loop with evaluation → metrics.jsonl,
-summary.json, W&B. Returns the configured objective for Hydra sweepers.
+→ what the algorithm declares it needs (policy, π_ref, reward model, value model, prompts)
+→ the shared loop with evaluation → metrics.jsonl, summary.json, W&B.
+Returns the configured objective for Hydra sweepers.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,23 +20,25 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
-from dpo_exp.algorithms import SFTAlgorithm, build_algorithm
-from dpo_exp.config import ConfigError, LossConfig, LossName, RewardSource, register_configs, validate
+from dpo_exp.algorithms import Needs, Resources
+from dpo_exp.config import ConfigError, algorithm_of, register_configs, validate
 from dpo_exp.data import prompt_token_ids, tokenize_pairs
 from dpo_exp.evaluation import EvalPrompts, Evaluator
-from dpo_exp.loggers import FileSink, RunLogger, WandbSink
-from dpo_exp.models import AdapterDisabled, apply_lora, freeze, load_model, load_tokenizer, resolve_device, torch_dtype
+from dpo_exp.loggers import FileSink, RunLogger, WandbSink, is_main_process
+from dpo_exp.loop import Loop, LoopSettings, seed_everything
+from dpo_exp.models import (AdapterDisabled, ScalarHeadModel, apply_lora, find_blocks, freeze, load_model,
+                            load_tokenizer, make_value_model, resolve_device, torch_dtype)
 from dpo_exp.reference import Reference
-from dpo_exp.ppo import GoldScorer, PPOConfig, PPOTrainer, RewardModelScorer, ScalarHeadModel, make_value_model
-from dpo_exp.stages import preference_data, reward_model_dir, sft_policy, stage_costs, tokenizer_source
+from dpo_exp.stages import preference_data, reward_model_dir, sft_policy, stage_costs, stages_paid, tokenizer_source
 from dpo_exp.tasks import build_task
-from dpo_exp.trainer import Trainer, seed_everything
 
 register_configs()
 transformers_logging.disable_progress_bar()  # one progress bar (ours), not one per weight load
 
 
 def build_logger(cfg, output_dir: Path) -> RunLogger:
+    if not is_main_process():
+        return RunLogger([])
     sinks: list = [FileSink(output_dir)]
     if cfg.logger.name.value == "wandb":
         group, name = None, cfg.experiment_name
@@ -77,12 +80,18 @@ def prepare(cfg) -> Prepared:
                     tokenize_pairs(tokenizer, eval_pairs, *lengths), skipped, device)
 
 
+# ---- building what an algorithm needs ------------------------------------------------------------
+
 def build_policy(cfg, prep: Prepared):
     """π_SFT as the trainable policy (with a LoRA adapter when model.lora.r > 0)."""
     m = cfg.model
     seed_everything(cfg.seed)
     policy = load_model(prep.sft_dir, torch_dtype(m.policy_dtype), m.attn_implementation, m.trust_remote_code)
     policy.to(prep.device)
+    try:
+        find_blocks(policy, m.block_class)  # a misspelt block_class fails here, not when sharding starts
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if m.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     if m.lora.r > 0:
@@ -107,80 +116,70 @@ def build_reference(cfg, prep: Prepared, policy, resident: bool) -> Optional[Ref
     return Reference(load_reference, resident=resident, precision=cfg.trainer.precision.value)
 
 
+def build_resources(cfg, prep: Prepared, needs: Needs) -> Resources:
+    """Exactly what the algorithm declared: nothing it does not need is loaded."""
+    m = cfg.model
+    res = Resources(cfg, prep.tokenizer, prep.device, train_pairs=prep.train_tok, gold_reward=prep.task.gold_reward)
+    if needs.policy:
+        res.policy = build_policy(cfg, prep)
+    if needs.reward_model:
+        res.reward_model = ScalarHeadModel.from_pretrained(reward_model_dir(cfg, prep), dtype=torch_dtype(m.policy_dtype),
+                                                           attn_implementation=m.attn_implementation, device=prep.device)
+    if needs.value_model:
+        if res.reward_model is not None:
+            res.value_model = make_value_model(reward_model=res.reward_model)  # value starts from the reward model
+        else:
+            sft = load_model(prep.sft_dir, torch_dtype(m.policy_dtype), m.attn_implementation, m.trust_remote_code)
+            res.value_model = make_value_model(policy=sft.to(prep.device))  # from π_SFT with a zero head
+    # π_ref is always built (lazily when training needs none) so that every method's eval/kl is measured alike
+    resident = needs.reference and (needs.rollouts or not cfg.reference.precompute)
+    res.reference = build_reference(cfg, prep, res.policy, resident)
+    if needs.reference and cfg.reference.precompute and not needs.rollouts:
+        res.reference.precompute("train", prep.train_tok, prep.tokenizer.pad_token_id, cfg.trainer.eval_batch_size)
+    if needs.rollouts:
+        res.prompt_texts = sorted({p.prompt for p in prep.train_pairs})
+        res.prompt_ids = [prompt_token_ids(prep.tokenizer, t) for t in res.prompt_texts]
+    return res
+
+
 def build_evaluator(cfg, prep: Prepared, algorithm, reference) -> Evaluator:
     prompts = list(prep.task.eval_prompts(prep.tokenizer, prep.eval_pairs))
     ids = [prompt_token_ids(prep.tokenizer, p) for p in prompts]
     return Evaluator(algorithm, reference, prep.eval_tok, EvalPrompts(prompts, ids), prep.tokenizer,
                      prep.task.gold_reward, cfg.task.generation, cfg.eval, cfg.trainer.eval_batch_size,
-                     cfg.trainer.precision.value, cfg.seed)
+                     cfg.trainer.precision.value, cfg.seed, beta=cfg.loss.beta)
 
 
 def save_merged_lora(cfg, policy, tokenizer, output_dir: Path) -> None:
-    if cfg.model.lora.r > 0 and cfg.model.lora.merge_on_save and cfg.trainer.save_final:
+    if cfg.model.lora.r > 0 and cfg.model.lora.merge_on_save and cfg.trainer.save_final and is_main_process():
         merged = output_dir / "checkpoints" / "final" / "merged"
         policy.merge_and_unload().save_pretrained(merged)  # training is over: merging in place is safe
         tokenizer.save_pretrained(merged)
 
 
-def run_preference(cfg, prep: Prepared, logger: RunLogger) -> dict:
-    """SFT (Preferred-FT) and the DPO family: the shared training loop."""
-    algorithm = build_algorithm(cfg.loss)
-    policy = build_policy(cfg, prep)
-    resident = algorithm.needs_reference and not cfg.reference.precompute
-    reference = build_reference(cfg, prep, policy, resident)
-    if reference is not None and algorithm.needs_reference and cfg.reference.precompute:
-        reference.precompute("train", prep.train_tok, prep.tokenizer.pad_token_id, cfg.trainer.eval_batch_size)
+# ---- running -----------------------------------------------------------------------------------
+
+def train_algorithm(cfg, prep: Prepared, logger: RunLogger) -> dict:
+    """Build what the selected algorithm needs and train it through the shared loop."""
+    cls = algorithm_of(cfg)
+    res = build_resources(cfg, prep, cls.needs(cfg))
+    seed_everything(cfg.seed)  # the algorithm starts from the same RNG state whatever loading consumed
+    algorithm = cls(str(cfg.loss.name), cfg, res)
     output_dir = Path(cfg.paths.output_dir)
-    trainer = Trainer(policy, algorithm, prep.train_tok, prep.tokenizer.pad_token_id, cfg.trainer, cfg.optimizer,
-                      logger, output_dir, cfg.seed, reference=reference,
-                      evaluator=build_evaluator(cfg, prep, algorithm, reference), tokenizer=prep.tokenizer)
-    final = trainer.fit()
-    save_merged_lora(cfg, policy, prep.tokenizer, output_dir)
-    return {**final, "steps": trainer.step}
+    loop = Loop(algorithm, LoopSettings.from_trainer(cfg.trainer, **cls.loop_overrides(cfg)), logger, output_dir,
+                evaluate=build_evaluator(cfg, prep, algorithm, res.reference), tokenizer=prep.tokenizer)
+    final = loop.fit()
+    if res.policy is not None:
+        save_merged_lora(cfg, res.policy, prep.tokenizer, output_dir)
+    return {**final, "steps": loop.step}
 
 
-def run_reward_model(cfg, prep: Prepared, logger: RunLogger) -> dict:
-    """Train (or find in the cache) the Bradley-Terry reward model and report its held-out metrics."""
+def report_cached_stage(cfg, prep: Prepared, logger: RunLogger) -> dict:
+    """An algorithm whose product is a shared cache entry (the reward model): find or train it, report it."""
     folder = reward_model_dir(cfg, prep)
     metrics = json.loads((folder / "final_metrics.json").read_text())
     logger.log(metrics, int(metrics.get("step", 0)))
     return {**metrics, "steps": int(metrics.get("step", 0)), "reward_model": str(folder)}
-
-
-def run_ppo(cfg, prep: Prepared, logger: RunLogger) -> dict:
-    """PPO from π_SFT against the reward model (ppo.reward=model) or the task's gold reward (PPO-GT)."""
-    m = cfg.model
-    policy = build_policy(cfg, prep)
-    if RewardSource(cfg.ppo.reward) is RewardSource.model:
-        rm = ScalarHeadModel.from_pretrained(reward_model_dir(cfg, prep), dtype=torch_dtype(m.policy_dtype),
-                                             attn_implementation=m.attn_implementation, device=prep.device)
-        score_fn = RewardModelScorer(rm, prep.tokenizer.pad_token_id, precision=cfg.trainer.precision.value)
-        value_model = make_value_model(reward_model=rm)  # the value model starts from the reward model
-    else:
-        score_fn = GoldScorer(prep.task.gold_reward)
-        sft = load_model(prep.sft_dir, torch_dtype(m.policy_dtype), m.attn_implementation, m.trust_remote_code)
-        value_model = make_value_model(policy=sft.to(prep.device))  # no reward model: from π_SFT, zero head
-    reference = build_reference(cfg, prep, policy, resident=True)
-    evaluator = build_evaluator(cfg, prep, SFTAlgorithm(LossConfig(name=LossName.sft, beta=cfg.loss.beta)),
-                                reference)
-    prompt_texts = sorted({p.prompt for p in prep.train_pairs})
-    section = OmegaConf.to_container(cfg.ppo, resolve=True, enum_to_str=True)
-    names = {f.name for f in fields(PPOConfig)}
-    ppo_cfg = PPOConfig(**{k: v for k, v in section.items() if k in names}, precision=cfg.trainer.precision.value,
-                        seed=cfg.seed, show_progress=cfg.trainer.show_progress)
-    seed_everything(cfg.seed)
-    output_dir = Path(cfg.paths.output_dir)
-    trainer = PPOTrainer(policy, reference, score_fn, value_model, prep.tokenizer,
-                         [prompt_token_ids(prep.tokenizer, t) for t in prompt_texts], ppo_cfg, logger, output_dir,
-                         prompt_texts=prompt_texts, evaluator=evaluator, eval_every=cfg.ppo.eval_every,
-                         eval_at_start=cfg.trainer.eval_at_start, save_final=cfg.trainer.save_final,
-                         count_flops_enabled=cfg.trainer.count_flops)
-    final = trainer.fit()
-    save_merged_lora(cfg, policy, prep.tokenizer, output_dir)
-    return {**final, "steps": trainer.step}
-
-
-RUNNERS = {LossName.ppo: run_ppo, LossName.reward_model: run_reward_model}  # everything else: run_preference
 
 
 def run(cfg: DictConfig) -> dict:
@@ -189,11 +188,14 @@ def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.seed)
     prep = prepare(cfg)
+    cls = algorithm_of(cfg)
     logger = build_logger(cfg, Path(cfg.paths.output_dir))
     try:
-        result = RUNNERS.get(LossName(cfg.loss.name), run_preference)(cfg, prep, logger)
+        result = (report_cached_stage if getattr(cls, "cached", False) else train_algorithm)(cfg, prep, logger)
         summary = {**result, "train_pairs": len(prep.train_tok), "eval_pairs": len(prep.eval_tok),
                    "sft_policy": prep.sft_dir, "wall_seconds": time.perf_counter() - started,
+                   "algorithm/name": str(cfg.loss.name), "algorithm/family": cls.family_of(cfg),
+                   "algorithm/label": cls.label(cfg), "algorithm/stages": stages_paid(cls.needs(cfg)),
                    **stage_costs(cfg, prep), **{f"data/skipped/{reason}": n for reason, n in prep.skipped.items()}}
         logger.summary(summary)
     finally:
@@ -203,13 +205,15 @@ def run(cfg: DictConfig) -> dict:
 
 
 def print_summary(summary: dict, cfg) -> None:
+    if not is_main_process():
+        return
+
     def fmt(key: str) -> str:
         value = summary.get(key)
         return "n/a" if value is None else f"{value:.4f}"
 
-    loss = cfg.loss.name.value
     lines = [
-        f"== dpo_exp summary: {cfg.experiment_name}, loss={loss}, beta={cfg.loss.beta}, {summary['steps']} steps, "
+        f"== dpo_exp summary: {cfg.experiment_name}, loss={cfg.loss.name}, beta={cfg.loss.beta}, {summary['steps']} steps, "
         f"{summary['wall_seconds']:.0f}s",
         f"gold reward  pi_ref (pi_SFT): {fmt('eval/gold_reward_ref')}   policy: {fmt('eval/gold_reward')}",
         f"KL(pi||pi_ref): {fmt('eval/kl')} +- {fmt('eval/kl_stderr')} nats (sequence level)",

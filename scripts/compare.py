@@ -5,8 +5,9 @@ runs, not estimated here).
     python scripts/compare.py outputs/multirun/<date>/<time>_compare_sentiment [--markdown]
 
 Cost to reach a point = the run's own training up to that evaluation (cost/train_*), plus
-the cached stages the method needs: the sampled preference pairs for Preferred-FT and DPO,
-the pairs and the reward model for PPO, nothing for PPO-GT (it queries the gold reward).
+the cached stages the method needs: those its algorithm declared (summary.json algorithm/stages):
+the sampled pairs for Preferred-FT and DPO, the pairs and the reward model for PPO and online DPO
+with a reward model, nothing for PPO-GT (it queries the gold reward).
 π_SFT is shared by every method and reported once below the table.
 """
 from __future__ import annotations
@@ -78,23 +79,26 @@ def main() -> None:
     sft_flops = next((r.summary.get("cost/sft_flops") for r in runs if r.summary.get("cost/sft_flops")), None)
     if sft_flops:
         print(f"\nπ_SFT (shared by every method): {sft_flops / 1e12:.3f} TFLOPs")
-    if "dpo-family" in best and "ppo" in best:
-        d, p = best["dpo-family"], best["ppo"]
-        print(f"best DPO arm ({d['method']}): gold reward {d['best gold reward']:.3f} at KL {d['KL at best']:.2f}, "
-              f"{d['TFLOPs to best']:.3f} TFLOPs, {d['seconds to best']:.0f} s")
-        print(f"best PPO arm ({p['method']}): gold reward {p['best gold reward']:.3f} at KL {p['KL at best']:.2f}, "
-              f"{p['TFLOPs to best']:.3f} TFLOPs, {p['seconds to best']:.0f} s")
-        print(f"PPO / DPO compute to reach their best points: {p['TFLOPs to best'] / d['TFLOPs to best']:.2f}x FLOPs, "
+    for family, row in sorted(best.items()):
+        print(f"best {family} arm ({row['method']}): gold reward {row['best gold reward']:.3f} at KL "
+              f"{row['KL at best']:.2f}, {row['TFLOPs to best']:.3f} TFLOPs, {row['seconds to best']:.0f} s")
+    if "dpo-family" not in best:
+        return
+    d = best["dpo-family"]
+    for family in sorted(set(best) & {"ppo", "online-dpo"}):  # the methods that sample while training
+        p = best[family]
+        print(f"\n{family} / DPO compute to reach their best points: "
+              f"{p['TFLOPs to best'] / d['TFLOPs to best']:.2f}x FLOPs, "
               f"{p['seconds to best'] / max(d['seconds to best'], 1e-9):.2f}x wall-clock")
         level = min(d["best gold reward"], p["best gold reward"])
-        reach = {family: cheapest_to_reach(runs, family, level) for family in ("dpo-family", "ppo")}
+        reach = {f: cheapest_to_reach(runs, f, level) for f in ("dpo-family", family)}
         print(f"cheapest point reaching gold reward {level:.3f} (the level both families reach):")
-        for family, c in reach.items():
-            print(f"  {family}: {c['method']} step {c['step']}, gold {c['gold']:.3f} at KL {c['kl']:.2f}, "
+        for f, c in reach.items():
+            print(f"  {f}: {c['method']} step {c['step']}, gold {c['gold']:.3f} at KL {c['kl']:.2f}, "
                   f"{c['tflops']:.3f} TFLOPs, {c['seconds']:.0f} s")
-        ratio_flops = reach["ppo"]["tflops"] / reach["dpo-family"]["tflops"]
-        ratio_seconds = reach["ppo"]["seconds"] / max(reach["dpo-family"]["seconds"], 1e-9)
-        print(f"  PPO / DPO compute to reach it: {ratio_flops:.2f}x FLOPs, {ratio_seconds:.2f}x wall-clock")
+        ratio_flops = reach[family]["tflops"] / reach["dpo-family"]["tflops"]
+        ratio_seconds = reach[family]["seconds"] / max(reach["dpo-family"]["seconds"], 1e-9)
+        print(f"  {family} / DPO compute to reach it: {ratio_flops:.2f}x FLOPs, {ratio_seconds:.2f}x wall-clock")
 
 
 if __name__ == "__main__":

@@ -23,19 +23,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dpo_exp.results import read_runs, read_wandb_group  # noqa: E402
 
-STYLE = {"dpo-family": ("tab:red", "o"), "ppo": ("tab:blue", "s"), "ppo-gt": ("tab:green", "^"),
-         "sft": ("tab:gray", "D")}
+# family (summary.json algorithm/family) -> colour, marker, legend; other families get the fallback
+STYLE = {"dpo-family": ("tab:red", "o", "DPO"), "online-dpo": ("tab:purple", "v", "Online DPO"),
+         "ppo": ("tab:blue", "s", "PPO (reward model)"), "ppo-gt": ("tab:green", "^", "PPO-GT (gold reward)"),
+         "sft": ("tab:gray", "D", "Preferred-FT")}
 
 
 def draw(runs, out: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     families_seen = set()
     for run in sorted(runs, key=lambda r: (r.family, r.label)):
-        color, marker = STYLE[run.family]
+        color, marker, label = STYLE.get(run.family, ("tab:orange", "x", run.family))
         xs = [p["eval/kl"] for p in run.points]
         ys = [p["eval/gold_reward"] for p in run.points]
-        label = {"dpo-family": "DPO", "ppo": "PPO (reward model)", "ppo-gt": "PPO-GT (gold reward)",
-                 "sft": "Preferred-FT"}[run.family]
         ax.scatter(xs, ys, color=color, marker=marker, s=22, alpha=0.75,
                    label=None if run.family in families_seen else label)
         families_seen.add(run.family)

@@ -87,3 +87,28 @@ def read_wandb_records(path):
             records.append(record)
             pending = b""
     return records
+
+
+def make_cfg(overrides=None):
+    """The typed schema with its defaults plus `overrides` (nested dicts): for tests that build
+    an algorithm and a loop directly, without a task or a model on disk."""
+    from omegaconf import OmegaConf
+
+    from dpo_exp.config import Config, DataConfig, LossConfig, ModelConfig, OptimizerConfig, TaskConfig
+
+    base = OmegaConf.structured(Config(model=ModelConfig(name="test"), data=DataConfig(name="test"),
+                                       task=TaskConfig(name="test"), loss=LossConfig(), optimizer=OptimizerConfig()))
+    base.trainer.show_progress = False
+    return OmegaConf.merge(base, overrides or {})
+
+
+def build_loop(cfg, res, sinks=(), output_dir="/tmp/dpo_exp_test_unused", evaluate=None, **settings):
+    """The algorithm cfg.loss.name selects, on `res` (dpo_exp.algorithms.Resources), in the shared loop."""
+    from dpo_exp.algorithms import algorithm_class
+    from dpo_exp.loggers import RunLogger
+    from dpo_exp.loop import Loop, LoopSettings
+
+    cls = algorithm_class(cfg.loss.name)
+    algorithm = cls(cfg.loss.name, cfg, res)
+    loop_settings = LoopSettings.from_trainer(cfg.trainer, **{**cls.loop_overrides(cfg), **settings})
+    return Loop(algorithm, loop_settings, RunLogger(list(sinks)), output_dir, evaluate=evaluate)

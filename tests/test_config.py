@@ -28,7 +28,8 @@ def compose_cfg(overrides=()):
 def group_options():
     for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "local"):
         for option in sorted(group.glob("*.yaml")):
-            yield f"{group.name}={option.stem}"
+            if not option.stem.startswith("_"):  # _base.yaml and the like: shared keys, not options
+                yield f"{group.name}={option.stem}"
 
 
 @pytest.mark.parametrize("override", list(group_options()))
@@ -52,7 +53,7 @@ def test_every_yaml_key_has_a_comment():
 @pytest.mark.parametrize("override, fragment", [
     ("loss.betta=0.1", "betta"),                 # unknown key
     ("loss.beta=large", "beta"),                 # wrong type
-    ("loss.name=dop", "dop"),                    # not a loss
+    ("loss=dop", "dop"),                         # not an algorithm: Hydra lists the options of the group
     ("optimizer=adam", "adam"),                  # not an option of the group
     ("trainer.batch_size=8.5", "batch_size"),   # float for an int
 ])
@@ -75,6 +76,33 @@ def test_typos_fail_at_composition(override, fragment):
 def test_invalid_combinations_fail_before_any_model_loads(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_cfg(overrides))
+
+
+def test_an_unknown_algorithm_name_lists_the_registered_ones():
+    from dpo_exp.algorithms import REGISTRY
+
+    with pytest.raises(ConfigError, match="unknown algorithm loss.name='dop'; registered: ") as info:
+        validate(compose_cfg(["loss.name=dop"]))
+    assert all(name in str(info.value) for name in REGISTRY)
+    with pytest.raises(ConfigCompositionException, match="dop") as info:  # loss=dop: Hydra names the options
+        compose_cfg(["loss=dop"])
+    assert "online_dpo" in str(info.value) + str(info.value.__cause__)
+
+
+def test_every_registered_algorithm_has_a_loss_option_and_vice_versa():
+    from dpo_exp.algorithms import REGISTRY
+
+    options = {p.stem for p in (CONF / "loss").glob("*.yaml") if not p.stem.startswith("_")}
+    assert options == set(REGISTRY)
+    for name in options:  # each yaml selects the algorithm of its own name
+        assert compose_cfg([f"loss={name}"]).loss.name == name
+
+
+def test_a_misspelt_block_class_fails_when_the_policy_is_built(smoke_cfg):
+    from dpo_exp import train as train_module
+
+    with pytest.raises(ConfigError, match="LlamaDecoderLayr.*LlamaDecoderLayer"):
+        train_module.run(smoke_cfg("model.block_class=LlamaDecoderLayr"))
 
 
 def test_losses_without_reference_may_disable_it():

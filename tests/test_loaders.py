@@ -1,4 +1,4 @@
-"""dpo_exp.loaders: each dataset on small files written here in its published hub format, the
+"""dpo_exp.data.formats and .files: each dataset on small files written here in its published hub format, the
 real samples in ../shared/data (skipped when absent), and every kind of defect, skipped and
 counted or raised with file, line/row and field."""
 import gzip
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dpo_exp.data import PreferencePair
-from dpo_exp.loaders import DataFileError, check_lengths, load, read_rows
+from dpo_exp.data.files import DataFileError, read_rows
+from dpo_exp.data.formats import check_lengths, load
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -4,13 +4,16 @@ import math
 import pytest
 import torch
 
+from conftest import build_loop, make_cfg
+from dpo_exp.algorithms import Resources
+from dpo_exp.algorithms.reward_model import RewardModelEvaluator, bradley_terry_loss, normalise_reward_model
+from dpo_exp.algorithms.rl import (AdaptiveKLController, FixedKLController, apply_missing_eos_penalty,
+                                   clipped_policy_loss, clipped_value_loss, gae, per_token_rewards, whiten)
+from dpo_exp.algorithms.scorers import GoldScorer, RewardModelScorer
+from dpo_exp.config import ConfigError, validate
 from dpo_exp.data import TokenizedPair, collate_sequences
-from dpo_exp.loggers import RunLogger
-from dpo_exp.models import sequence_logps
-from dpo_exp.ppo import (AdaptiveKLController, FixedKLController, GoldScorer, PPOConfig, PPOTrainer,
-                         RewardModelConfig, RewardModelScorer, ScalarHeadModel, apply_missing_eos_penalty,
-                         bradley_terry_loss, clipped_policy_loss, clipped_value_loss, gae, make_value_model,
-                         per_token_rewards, response_token_logps, train_reward_model, whiten)
+from dpo_exp.models import ScalarHeadModel, freeze, load_model, make_value_model, sample, sequence_logps
+from dpo_exp.reference import Reference
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 32
 
@@ -146,12 +149,17 @@ def test_bradley_terry_loss():
     assert loss.item() == pytest.approx((math.log1p(math.exp(-2)) + math.log(2)) / 2, rel=1e-6)
 
 
-def test_config_rejects_inconsistent_batches():
-    with pytest.raises(ValueError):
-        PPOConfig(rollout_batch_size=10, minibatch_size=4)
-    with pytest.raises(ValueError):
-        PPOConfig(temperature=0.0)
-    assert PPOConfig(rollout_batch_size=8, minibatch_size=4, total_episodes=20).iterations == 3
+@pytest.mark.parametrize("ppo, message", [
+    ({"rollout_batch_size": 10, "minibatch_size": 4}, "does not divide evenly"),
+    ({"minibatch_size": 16, "micro_batch_size": 5}, "does not divide evenly"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"target_kl": -1.0}, "target_kl must be > 0"),
+])
+def test_config_rejects_inconsistent_ppo_settings(ppo, message):
+    cfg = make_cfg({"loss": {"name": "ppo"}, "ppo": ppo, "model": {"architecture": {"model_type": "llama"}},
+                    "task": {"gold_reward": "vader"}})
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
 
 
 # ---------------------------------------------------------------------------- models
@@ -159,13 +167,17 @@ def test_config_rejects_inconsistent_batches():
 def test_token_logps_sum_to_sequence_logps_and_scale_with_temperature(tiny_lm):
     policy, _ = tiny_lm
     batch = collate_sequences([[1, 5], [1, 5, 6, 7]], [[7, 9, 2], [8, 2]], pad_id=0)
-    token, entropy = response_token_logps(policy, batch, temperature=1.0, with_entropy=True)
-    torch.testing.assert_close(token.sum(-1), sequence_logps(policy, batch).logps)
+    out = sequence_logps(policy, batch, temperature=1.0, per_token=True, with_entropy=True)
+    token, entropy = out.tokens, out.entropy
+    torch.testing.assert_close(token.sum(-1), out.logps)
     assert token[1, 0] == 0 and entropy[1, 0] == 0 and (entropy[batch["response_mask"]] > 0).all()
     # temperature T: log softmax(logits/T) of the last token of row 1 (EOS after [1,5,6,7,8])
     logits = policy(torch.tensor([[1, 5, 6, 7, 8]])).logits[0, -1]
-    hot, _ = response_token_logps(policy, batch, temperature=0.7)
+    hot = sequence_logps(policy, batch, temperature=0.7, per_token=True).tokens
     torch.testing.assert_close(hot[1, -1], torch.log_softmax(logits / 0.7, -1)[2])
+    # the entropy of π at a response position, by its definition −Σ p log p
+    first = torch.log_softmax(policy(torch.tensor([[1, 5]])).logits[0, -1], -1)
+    torch.testing.assert_close(entropy[0, 0], -(first.exp() * first).sum())
 
 
 def tiny_llama(seed=0, layers=1, hidden=32):
@@ -205,43 +217,40 @@ def marker_pairs(n, seed, marker=5):
 
 
 def test_reward_model_learns_marker_and_round_trips(tmp_path):
+    """The reward-model algorithm in the shared loop: it learns which response holds a marker token."""
     tokenizer = tiny_tokenizer()
     sft_dir = tmp_path / "sft"
     tiny_llama(seed=1).save_pretrained(sft_dir)
     tokenizer.save_pretrained(sft_dir)
     sink = ListSink()
     prompts = [[BOS, 3 + i] for i in range(16)]
-    cfg = RewardModelConfig(batch_size=16, epochs=4, lr=3e-3, eval_every=16, log_every=8, show_progress=False,
-                            normalise_max_new_tokens=6, normalise_temperature=1.0)
-    out_dir = tmp_path / "rm"
-    model, final = train_reward_model(sft_dir, marker_pairs(256, seed=0), marker_pairs(64, seed=1), tokenizer, cfg,
-                                      RunLogger([sink]), out_dir, normalise_prompts=prompts)
+    cfg = make_cfg({"loss": {"name": "reward_model"}, "trainer": {"batch_size": 16, "epochs": 4},
+                    "optimizer": {"name": "adamw", "lr": 3e-3, "warmup_steps": 0, "max_grad_norm": 1.0}})
+    torch.manual_seed(0)
+    model = ScalarHeadModel(load_model(str(sft_dir), torch.float32))
+    res = Resources(cfg, tokenizer, torch.device("cpu"), reward_model=model, train_pairs=marker_pairs(256, seed=0))
+    loop = build_loop(cfg, res, [sink], tmp_path, evaluate=RewardModelEvaluator(marker_pairs(64, seed=1), PAD),
+                      eval_every=16, log_every=8, eval_at_start=False, save_final=False)
+    final = loop.fit()
     assert final["eval/accuracy"] > 0.9, final
     keys = set().union(*[r.keys() for r in sink.rows])
     assert {"train/loss", "train/accuracy", "train/margin", "eval/loss", "eval/accuracy", "eval/margin"} <= keys
-    # normalised: π_SFT samples (same seed → same samples) score mean 0
-    from dpo_exp.models import load_model, sample
-
-    torch.manual_seed(123)
-    samples = sample(load_model(str(sft_dir), torch.float32), tokenizer, prompts, 6, 1.0)
-    scorer = RewardModelScorer(model, PAD)
-    scores = scorer(None, samples.prompt_ids, samples.response_ids, samples.texts)
-    assert model.offset == final["eval/offset"] and model.offset != 0.0
-    # save/load round trip (HF folder + head + offset) reproduces the scores exactly
-    loaded = ScalarHeadModel.from_pretrained(out_dir)
-    assert loaded.offset == model.offset
-    torch.testing.assert_close(RewardModelScorer(loaded, PAD)(None, samples.prompt_ids, samples.response_ids, None),
-                               scores)
-    # and the normalisation: the offset is the mean raw score of π_SFT samples (with the same seed)
-    torch.manual_seed(321)
-    again = sample(load_model(str(sft_dir), torch.float32), tokenizer, prompts * 4, 6, 1.0)
-    model.offset = 0.0
-    from dpo_exp.ppo import normalise_reward_model
-
+    losses = [r["train/loss"] for r in sink.rows if "train/loss" in r]
+    assert losses[-1] < 0.5 * losses[0]  # the Bradley–Terry loss falls
+    # normalised: the offset is the mean raw score of π_SFT samples (with the same seed)
     torch.manual_seed(321)
     stats = normalise_reward_model(model, load_model(str(sft_dir), torch.float32), tokenizer, prompts * 4, 6, 1.0)
+    torch.manual_seed(321)
+    again = sample(load_model(str(sft_dir), torch.float32), tokenizer, prompts * 4, 6, 1.0)
+    scorer = RewardModelScorer(model, PAD)
     normalised = scorer(None, again.prompt_ids, again.response_ids, None)
-    assert abs(normalised.mean().item()) < 1e-5 and stats["n"] == 64
+    assert abs(normalised.mean().item()) < 1e-5 and stats["n"] == 64 and model.offset != 0.0
+    # save/load round trip (HF folder + head + offset) reproduces the scores exactly
+    model.save_pretrained(tmp_path / "rm", tokenizer)
+    loaded = ScalarHeadModel.from_pretrained(tmp_path / "rm")
+    assert loaded.offset == model.offset
+    torch.testing.assert_close(RewardModelScorer(loaded, PAD)(None, again.prompt_ids, again.response_ids, None),
+                               normalised)
 
 
 # ---------------------------------------------------------------------------- PPO end to end
@@ -249,37 +258,41 @@ def test_reward_model_learns_marker_and_round_trips(tmp_path):
 TARGET = 7
 
 
-def count_target(prompt_texts, prompt_ids, response_ids, response_texts):
-    """Gold reward: fraction of the response's non-EOS tokens equal to TARGET (0 for an empty one)."""
+def count_target(prompt_texts, response_texts):
+    """Gold reward on text: the fraction of the response's words that are the TARGET token (0 if empty)."""
     out = []
-    for r in response_ids:
-        body = [t for t in r if t != EOS]
-        out.append(sum(t == TARGET for t in body) / max(1, len(body)))
-    return torch.tensor(out)
+    for text in response_texts:
+        words = text.split()
+        out.append(sum(w == f"t{TARGET}" for w in words) / max(1, len(words)))
+    return out
+
+
+def ppo_cfg(**ppo):
+    return make_cfg({"loss": {"name": "ppo"}, "ppo": {"reward": "gold", "missing_eos_penalty": None, **ppo}})
 
 
 def test_ppo_raises_gold_reward_on_a_tiny_task(tmp_path):
     import copy
-
-    from dpo_exp.models import freeze
 
     tokenizer = tiny_tokenizer()
     policy = tiny_llama(seed=0)
     ref = freeze(copy.deepcopy(policy))
     value = make_value_model(policy=policy)
     prompts = [[BOS, 3 + i, 10 + i] for i in range(8)]
-    cfg = PPOConfig(rollout_batch_size=32, minibatch_size=16, ppo_epochs=4, total_iterations=16, lr=1e-3,
-                    value_lr=1e-3, kl_coef=0.05, temperature=0.7, max_new_tokens=6, missing_eos_penalty=None,
-                    show_progress=False, seed=0)
+    cfg = ppo_cfg(rollout_batch_size=32, minibatch_size=16, ppo_epochs=4, total_iterations=16, lr=1e-3,
+                  value_lr=1e-3, kl_coef=0.05, temperature=0.7, max_new_tokens=6)
+    res = Resources(cfg, tokenizer, torch.device("cpu"), policy=policy, reference=Reference(lambda: ref, resident=True),
+                    value_model=value, prompt_ids=prompts, prompt_texts=tokenizer.batch_decode(prompts),
+                    gold_reward=count_target)
     sink = ListSink()
     torch.manual_seed(0)
-    trainer = PPOTrainer(policy, ref, count_target, value, tokenizer, prompts, cfg, RunLogger([sink]), tmp_path)
-    trainer.fit()
+    build_loop(cfg, res, [sink], tmp_path).fit()
     rows = sink.rows
     names = {"train/reward", "train/kl", "train/rlhf_reward", "train/kl_coef", "train/policy_loss",
              "train/value_loss", "train/clipfrac", "train/value_clipfrac", "train/approx_kl", "train/entropy",
              "train/response_length", "train/eos_fraction", "train/rollout_seconds", "train/update_seconds",
-             "train/learning_rate", "train/episodes", "train/flops"}
+             "train/learning_rate", "train/value_learning_rate", "train/grad_norm", "train/value_grad_norm",
+             "train/episodes", "train/flops"}
     assert names <= rows[0].keys()
     first = sum(r["train/reward"] for r in rows[:3]) / 3
     last = sum(r["train/reward"] for r in rows[-3:]) / 3
@@ -288,20 +301,23 @@ def test_ppo_raises_gold_reward_on_a_tiny_task(tmp_path):
     assert rows[-1]["train/kl"] > 0
     assert rows[-1]["train/episodes"] == 16 * 32 and rows[-1]["train/flops"] > rows[0]["train/flops"] > 0
     assert (tmp_path / "checkpoints" / "final" / "config.json").exists()
-    assert (tmp_path / "checkpoints" / "final" / "value_model" / "score_head.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "final" / "value" / "score_head.safetensors").exists()
+    state = torch.load(tmp_path / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 16 and state["value_optimizer"]["state"] and state["algorithm"]["episodes"] == 16 * 32
 
 
 def test_ppo_adaptive_kl_with_reward_model_scorer_and_reference_object(tmp_path):
-    """Wiring: a Reference object for π_ref, a reward-model scorer, adaptive β, missing-EOS penalty."""
-    from dpo_exp.models import freeze
-    from dpo_exp.reference import Reference
-
+    """Wiring: a Reference object for π_ref, a reward-model scorer, adaptive β, micro-batches, evaluation."""
     tokenizer = tiny_tokenizer()
     policy = tiny_llama(seed=0)
     rm = ScalarHeadModel(tiny_llama(seed=2))
     reference = Reference(lambda: freeze(tiny_llama(seed=0)), resident=True)
-    cfg = PPOConfig(rollout_batch_size=8, minibatch_size=4, micro_batch_size=2, ppo_epochs=2, total_iterations=2,
-                    lr=1e-3, kl_coef=0.2, target_kl=0.01, horizon=8, max_new_tokens=4, show_progress=False)
+    cfg = ppo_cfg(reward="model", rollout_batch_size=8, minibatch_size=4, micro_batch_size=2, ppo_epochs=2,
+                  total_iterations=2, lr=1e-3, kl_coef=0.2, target_kl=0.01, horizon=8, max_new_tokens=4, eval_every=1)
+    prompts = [[BOS, 3], [BOS, 4, 5]]
+    res = Resources(cfg, tokenizer, torch.device("cpu"), policy=policy, reference=reference, reward_model=rm,
+                    value_model=make_value_model(reward_model=rm), prompt_ids=prompts,
+                    prompt_texts=tokenizer.batch_decode(prompts))
     sink = ListSink()
     calls = []
 
@@ -309,10 +325,9 @@ def test_ppo_adaptive_kl_with_reward_model_scorer_and_reference_object(tmp_path)
         calls.append(step)
         return {"eval/gold_reward": 0.5}, {"eval/samples": [[step, "p", "y", 0.5, "r", 0.4]]}
 
-    trainer = PPOTrainer(policy, reference, RewardModelScorer(rm, PAD), make_value_model(reward_model=rm), tokenizer,
-                         [[BOS, 3], [BOS, 4, 5]], cfg, RunLogger([sink]), tmp_path, evaluator=evaluator,
-                         eval_every=1, save_final=False)
-    final = trainer.fit()
+    loop = build_loop(cfg, res, [sink], tmp_path, evaluate=evaluator, save_final=False)
+    assert loop.settings.grad_accumulation_steps == 2 and loop.settings.eval_every == 1
+    final = loop.fit()
     assert calls == [0, 1, 2] and final["step"] == 2 and sink.tables == [("eval/samples", s) for s in (0, 1, 2)]
     first, second = [r for r in sink.rows if "train/reward" in r]
     # the first iteration starts with π = π_ref: KL exactly 0 → e = −0.2 → β·(1 − 0.2·8/8) = 0.16

@@ -10,11 +10,13 @@ def _point(step, gold, kl, flops, seconds):
 def test_cheapest_point_reaching_a_level_counts_training_so_far_plus_cached_stages():
     stages = {"cost/pair_sampling_flops": 1e12, "cost/pair_sampling_seconds": 10.0,
               "cost/reward_model_flops": 2e12, "cost/reward_model_seconds": 20.0}
-    dpo_slow = Run("DPO β=1", "dpo-family", [_point(0, 0.6, 0, 0, 0), _point(50, 0.80, 3, 4e12, 40)], stages)
+    dpo_stages = {**stages, "algorithm/stages": ["pair_sampling"]}
+    ppo_stages = {**stages, "algorithm/stages": ["pair_sampling", "reward_model"]}
+    dpo_slow = Run("DPO β=1", "dpo-family", [_point(0, 0.6, 0, 0, 0), _point(50, 0.80, 3, 4e12, 40)], dpo_stages)
     # reaches the level at step 20, then again later (the later, costlier point must not count)
     dpo_fast = Run("DPO β=0.1", "dpo-family", [_point(0, 0.6, 0, 0, 0), _point(20, 0.85, 5, 2e12, 20),
-                                               _point(40, 0.90, 8, 4e12, 40)], stages)
-    ppo = Run("PPO target KL=6", "ppo", [_point(0, 0.6, 0, 0, 0), _point(10, 0.82, 4, 3e12, 90)], stages)
+                                               _point(40, 0.90, 8, 4e12, 40)], dpo_stages)
+    ppo = Run("PPO target KL=6", "ppo", [_point(0, 0.6, 0, 0, 0), _point(10, 0.82, 4, 3e12, 90)], ppo_stages)
 
     dpo = cheapest_to_reach([dpo_slow, dpo_fast, ppo], "dpo-family", 0.8)
     assert (dpo["method"], dpo["step"]) == ("DPO β=0.1", 20)

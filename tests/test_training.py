@@ -2,13 +2,14 @@
 import torch
 import torch.nn.functional as F
 
-from dpo_exp.algorithms import build_algorithm
-from dpo_exp.config import LossConfig, LossName, OptimizerConfig, Schedule, TrainerConfig
+from conftest import build_loop, make_cfg
+from dpo_exp.algorithms import Resources
+from dpo_exp.algorithms.base import PairBatch, batch_plan
+from dpo_exp.config import Schedule
 from dpo_exp.data import TokenizedPair, collate_pairs, collate_sequences
-from dpo_exp.loggers import RunLogger
+from dpo_exp.loop import lr_multiplier
 from dpo_exp.models import sequence_logps
 from dpo_exp.reference import Reference
-from dpo_exp.trainer import Trainer, batch_plan, lr_multiplier
 
 
 def test_left_padded_layout_puts_responses_in_the_last_columns():
@@ -68,13 +69,16 @@ def _grads_after_one_step(tiny_lm, loss_name, accumulation):
     import copy
 
     policy, ref = copy.deepcopy(tiny_lm[0]), tiny_lm[1]
-    algorithm = build_algorithm(LossConfig(name=LossName(loss_name), beta=0.1))
-    reference = Reference(lambda: ref, resident=True)
-    trainer = Trainer(policy, algorithm, _pairs(), 0, TrainerConfig(batch_size=6, grad_accumulation_steps=accumulation,
-                      show_progress=False), OptimizerConfig(lr=1e-3, warmup_steps=0, max_grad_norm=0.0),
-                      RunLogger([]), "/tmp/unused", seed=0, reference=reference)
-    metrics = trainer.accumulate_gradients(_pairs())
-    return [p.grad.clone() for p in policy.parameters()], metrics
+    cfg = make_cfg({"loss": {"name": loss_name, "beta": 0.1}, "trainer": {"batch_size": 6},
+                    "optimizer": {"lr": 1e-3, "warmup_steps": 0, "max_grad_norm": 0.0}})
+    res = Resources(cfg, None, torch.device("cpu"), policy=policy, reference=Reference(lambda: ref, resident=True),
+                    train_pairs=_pairs())
+    loop = build_loop(cfg, res, grad_accumulation_steps=accumulation)
+    grads = {}
+    for p in policy.parameters():  # keep each gradient before the optimizer step clears it
+        p.register_post_accumulate_grad_hook(lambda param: grads.__setitem__(id(param), param.grad.clone()))
+    metrics = loop.optimizer_step(PairBatch(_pairs(), 0, with_rejected=loss_name != "sft"))
+    return [grads[id(p)] for p in policy.parameters()], {k: total / count for k, (total, count) in metrics.items()}
 
 
 def test_gradient_accumulation_equals_one_large_batch(tiny_lm):
@@ -83,7 +87,7 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_lm):
         accumulated, m3 = _grads_after_one_step(tiny_lm, loss, 3)
         for a, b in zip(full, accumulated):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-        assert abs(m1["train/loss"] - m3["train/loss"]) < 1e-10
+        assert abs(m1["loss"] - m3["loss"]) < 1e-10
 
 
 def test_sft_loss_is_per_token_nll_of_chosen(tiny_lm):
@@ -93,7 +97,7 @@ def test_sft_loss_is_per_token_nll_of_chosen(tiny_lm):
     batch = collate_pairs(pairs, 0, with_rejected=False)
     with torch.no_grad():
         out = sequence_logps(policy, batch)
-    assert abs(metrics["train/loss"] - (-out.logps.sum() / out.lengths.sum()).item()) < 1e-10
+    assert abs(metrics["loss"] - (-out.logps.sum() / out.lengths.sum()).item()) < 1e-10
 
 
 def test_dropout_is_off_in_models_we_build():

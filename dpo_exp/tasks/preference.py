@@ -12,7 +12,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from dpo_exp import loaders
+from dpo_exp.data import formats
 from dpo_exp.config import Truncation
 from dpo_exp.data import PreferencePair
 from dpo_exp.models import train_tokenizer
@@ -33,10 +33,10 @@ class PreferenceTask:
         d = self.cfg.data
         return bool(d.eval_path or (d.hub_name and not d.path and d.eval_split))
 
-    def _load(self, split: str, kind: str, tokenizer) -> loaders.LoadResult:
+    def _load(self, split: str, kind: str, tokenizer) -> formats.LoadResult:
         d = self.cfg.data
         path = d.path if split == "train" else d.eval_path
-        return loaders.load(
+        return formats.load(
             d.name, path=path, hub_name=None if path else d.hub_name,
             split=d.train_split if split == "train" else d.eval_split, hub_config=d.hub_config,
             on_invalid=d.on_invalid.value, tokenizer=tokenizer, min_score_ratio=d.min_score_ratio, kind=kind)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from dpo_exp import loaders
+from dpo_exp.data import formats
 from dpo_exp.data import PreferencePair, prompt_token_ids
 from dpo_exp.models import load_model, resolve_device, sample, torch_dtype, train_tokenizer
 from dpo_exp.rewards import gold_reward
@@ -87,7 +87,7 @@ def _reviews(data, split: str) -> list[str]:
     """IMDb review texts of a split, from data.path / data.eval_path or the hub."""
     path = data.path if split == "train" else data.eval_path
     hub_split = data.train_split if split == "train" else data.eval_split
-    result = loaders.load("imdb", path=path, hub_name=None if path else data.hub_name, split=hub_split,
+    result = formats.load("imdb", path=path, hub_name=None if path else data.hub_name, split=hub_split,
                           on_invalid=data.on_invalid.value, kind="sft")
     texts = [pair.chosen for pair in result.pairs]
     random.Random(0).shuffle(texts)  # files are sorted by label; a prefix must hold both

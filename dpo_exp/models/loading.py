@@ -1,21 +1,13 @@
-"""Policy and reference models: loading, log-probs of responses, sampling.
-
-Log-probs are always taken from float32 logits: a bf16 log-softmax measurably changes
-DPO training (reference.md §5: accuracy 0.75 vs 0.95).
-"""
+"""Building models: tokenizers, causal LMs from a config or a checkpoint, LoRA, dtypes, devices."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-
-from dpo_exp.data import collate_sequences
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,78 +123,19 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-@dataclass
-class SequenceLogps:
-    logps: torch.Tensor   # (N,) summed log-probs of response tokens
-    lengths: torch.Tensor  # (N,) response token counts
+def find_blocks(model: nn.Module, block_class: str | None) -> list[nn.Module]:
+    """The transformer blocks of `model`: modules of class `block_class` (model.block_class), or of
+    the model's own `_no_split_modules` when it is null. These are the units FSDP shards.
 
-
-def sequence_logps(model: PreTrainedModel, batch: dict) -> SequenceLogps:
-    """Summed log π(response | prompt) for each row of a left-padded batch (data.collate_sequences).
-
-    Only the positions that predict a real response token go through the LM head (a boolean
-    `logits_to_keep`), so padding and prompt positions never cost a (V,)-wide float32 row.
+    Raises ValueError naming the classes the model does have when none match, so a misspelt
+    block_class fails when the model is built, not when sharding starts.
     """
-    device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    mask = batch["response_mask"].to(device)                     # (N, R) over the last R tokens
-    n, total = input_ids.shape
-    width = mask.shape[1]
-    if width >= total:
-        raise ValueError("every sequence needs at least one prompt token before its response")
-    predicts = torch.zeros((n, total), dtype=torch.bool, device=device)
-    predicts[:, total - width - 1:total - 1] = mask               # position t predicts token t + 1
-    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
-                position_ids=batch["position_ids"].to(device), logits_to_keep=predicts, use_cache=False)
-    logits = out.logits if out.logits.dim() == 2 else out.logits[predicts]  # (K, V), row-major order
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
-    labels = input_ids[:, -width:][mask]                                    # (K,)
-    token_logps = -F.cross_entropy(logits, labels, reduction="none")
-    rows = torch.arange(n, device=device).unsqueeze(1).expand(n, width)[mask]
-    logps = torch.zeros(n, dtype=token_logps.dtype, device=device).index_add(0, rows, token_logps)
-    return SequenceLogps(logps, mask.sum(-1))
-
-
-@dataclass
-class Samples:
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]   # sampled tokens up to and including EOS (if emitted)
-    texts: list[str]                # decoded responses, special tokens removed, spacing kept exactly
-
-
-@torch.no_grad()
-def sample(model: PreTrainedModel, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 128) -> Samples:
-    """Sample one response per prompt with the KV cache (model.generate), left-padded batches."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    responses: list[list[int]] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        chunk = list(prompt_ids[start:start + batch_size])
-        batch = collate_sequences(chunk, [[] for _ in chunk], tokenizer.pad_token_id)
-        # temperature 0 means greedy decoding (the paper's TL;DR evaluation includes T = 0)
-        decoding = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0
-                    else dict(do_sample=False, temperature=None, top_k=None, top_p=None))
-        out = model.generate(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            **decoding)
-        for row in out[:, batch["input_ids"].shape[1]:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id) + 1]
-            responses.append(row)
-    model.train(was_training)
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return Samples([list(p) for p in prompt_ids], responses, texts)
-
-
-@torch.no_grad()
-def logps_of_samples(model: PreTrainedModel, samples: Samples, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """(N,) summed log-probs of sampled responses under `model` (for KL estimates)."""
-    out = []
-    for start in range(0, len(samples.response_ids), batch_size):
-        end = start + batch_size
-        batch = collate_sequences(samples.prompt_ids[start:end], samples.response_ids[start:end], pad_id)
-        out.append(sequence_logps(model, batch).logps.cpu())
-    return torch.cat(out)
+    inner = getattr(model, "get_base_model", lambda: model)()  # a peft model: the wrapped transformer
+    names = {block_class} if block_class else set(getattr(inner, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        classes = sorted({type(m).__name__ for m in model.modules() if "Layer" in type(m).__name__
+                          or "Block" in type(m).__name__})
+        raise ValueError(f"model.block_class={block_class!r} matches no module of {type(inner).__name__}; "
+                         f"its layer classes are {classes or 'unknown'} (null: use the model's _no_split_modules)")
+    return blocks

@@ -36,9 +36,9 @@ rows alternately N times and keeps each row's fastest run.
 
 Run (from the repository root; a few minutes on 2 CPU cores):
 
-    python scripts/bench_dpo.py                     # dpo_exp fp32 vs TRL fp32
-    python scripts/bench_dpo.py --bf16 --precompute-ref --json bench.json   # extra rows
-    python scripts/bench_dpo.py --impl dpo_exp      # without TRL
+    python benchmarks/bench_dpo.py                     # dpo_exp fp32 vs TRL fp32
+    python benchmarks/bench_dpo.py --bf16 --precompute-ref --json bench.json   # extra rows
+    python benchmarks/bench_dpo.py --impl dpo_exp      # without TRL
 
 TRL is optional (`pip install -e .[bench]`); without it only the dpo_exp rows run.
 This is a benchmark, not a test: it exits non-zero only if the fp32 losses disagree.
@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/bench_dpo.py` without installing
+if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/bench_dpo.py` without installing
     sys.path.insert(0, str(REPO_ROOT))
 
 # Special tokens of the synthetic tokenizer; pad is distinct from EOS (reference.md §4).
@@ -130,7 +130,7 @@ def build_fixture(workdir: Path, settings: dict) -> None:
     from transformers.utils import logging as hf_logging
 
     from dpo_exp.data import save_pairs, tokenize_pairs
-    from dpo_exp.trainer import batch_plan
+    from dpo_exp.algorithms.base import batch_plan
 
     hf_logging.disable_progress_bar()  # save_pretrained's shard bar
     tokenizer, words = build_tokenizer(settings["vocab_size"], settings["seed"])
@@ -211,16 +211,18 @@ def timing(step_ends: list[tuple[float, float]], start: tuple[float, float], war
 # ---- workers: one (implementation, variant) per process ------------------------------------
 
 def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
-    """dpo_exp's own training path: tokenize_pairs → Reference → Trainer.train_step, timed per step."""
+    """dpo_exp's own training path: tokenize_pairs → Reference → the DPO algorithm in Loop.train_iteration, timed per step."""
     import torch
 
-    from dpo_exp.algorithms import build_algorithm
-    from dpo_exp.config import LossConfig, LossName, OptimizerConfig, OptimizerName, TrainerConfig
+    from omegaconf import OmegaConf
+
+    from dpo_exp.algorithms import Resources, algorithm_class
+    from dpo_exp.config import LossConfig, OptimizerConfig, OptimizerName, TrainerConfig
     from dpo_exp.data import load_pairs, tokenize_pairs
     from dpo_exp.loggers import RunLogger
+    from dpo_exp.loop import Loop, LoopSettings, seed_everything
     from dpo_exp.models import freeze, load_model
     from dpo_exp.reference import Reference
-    from dpo_exp.trainer import Trainer, seed_everything
     from transformers import AutoTokenizer
 
     seed_everything(settings["seed"])
@@ -241,26 +243,28 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
     setup_seconds = time.perf_counter() - setup_start
 
     out_dir = Path(tempfile.mkdtemp(prefix="dpo_exp_run_", dir=workdir))  # removed with the fixture
-    trainer = Trainer(
-        policy, build_algorithm(LossConfig(name=LossName.dpo, beta=settings["beta"])), pairs,
-        tokenizer.pad_token_id,
-        TrainerConfig(batch_size=settings["batch_size"], max_steps=settings["steps"], show_progress=False,
-                      save_final=False, eval_at_start=False, log_every=10**9, device="cpu", precision=precision),
-        OptimizerConfig(name=OptimizerName.adamw, lr=settings["lr"], warmup_steps=0,
-                        max_grad_norm=settings["max_grad_norm"]),
-        logger=RunLogger([]), output_dir=out_dir, seed=settings["seed"], reference=reference)
+    cfg = OmegaConf.create({
+        "loss": OmegaConf.structured(LossConfig(name="dpo", beta=settings["beta"])),
+        "trainer": OmegaConf.structured(TrainerConfig(batch_size=settings["batch_size"], max_steps=settings["steps"],
+                                                      device="cpu", precision=precision)),
+        "optimizer": OmegaConf.structured(OptimizerConfig(name=OptimizerName.adamw, lr=settings["lr"], warmup_steps=0,
+                                                          max_grad_norm=settings["max_grad_norm"])),
+        "seed": settings["seed"]})
+    res = Resources(cfg, tokenizer, torch.device("cpu"), policy=policy, reference=reference, train_pairs=pairs)
+    algorithm = algorithm_class("dpo")("dpo", cfg, res)
+    loop = Loop(algorithm, LoopSettings(show_progress=False, save_final=False, eval_at_start=False, log_every=10**9),
+                RunLogger([]), out_dir)
     plan = json.loads((workdir / "plan.json").read_text())
-    if trainer.plan != plan:
-        raise RuntimeError("Trainer.plan differs from the plan given to TRL; the loss comparison would be void")
+    if algorithm.plan != plan:
+        raise RuntimeError("the algorithm's batch plan differs from the plan given to TRL; the loss comparison would be void")
 
     losses, logps, step_ends = [], [], []
     start = now()
-    for indices in trainer.plan:  # the body of Trainer.fit without its logging and eval
-        metrics = trainer.train_step([trainer.pairs[i] for i in indices])
-        trainer.step += 1
+    for _ in range(loop.iterations):  # the body of Loop.fit without its logging and eval
+        metrics, _, _ = loop.train_iteration()
         step_ends.append(now())
-        losses.append(metrics["train/loss"])
-        logps.append([metrics["train/logps/chosen"], metrics["train/logps/rejected"]])
+        losses.append(metrics["loss"])
+        logps.append([metrics["logps/chosen"], metrics["logps/rejected"]])
     shutil.rmtree(out_dir, ignore_errors=True)
     return {"losses": losses, "policy_logps": logps, "setup_seconds": setup_seconds,
             **timing(step_ends, start, settings["warmup_steps_excluded"], settings["batch_size"])}

@@ -1,4 +1,4 @@
-"""Dataset loaders: the DPO paper's datasets and users' own files, read the way the paper's
+"""Dataset formats: the DPO paper's datasets and users' own files, read the way the paper's
 authors read them (eric-mitchell/direct-preference-optimization, `preference_datasets.py`),
 with every row validated before anything is returned.
 
@@ -10,6 +10,7 @@ tokenizer=None, min_score_ratio=None, kind="pairs") -> LoadResult``
     ``path`` takes precedence over ``hub_name`` (``HUB_NAMES`` lists the usual hub copies; nothing
     is downloaded unless a hub name is given). ``kind="pairs"`` gives preference pairs,
     ``kind="sft"`` gives SFT examples ``PreferencePair(prompt, chosen=target, rejected="")``.
+``read_rows(path)`` and ``hub_rows(...)`` live in `dpo_exp.data.files`:
 ``read_rows(path) -> Iterator[(number, row)]``
     Rows of a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, each optionally ``.gz``.
     ``number`` is the 1-based *line* of the row for JSONL and CSV (a CSV record can span lines;
@@ -96,18 +97,14 @@ Responses are never given EOS here; tokenization appends it (`dpo_exp.data`).
 """
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
 import math
 import os
-import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-from dpo_exp.data import PreferencePair, prompt_token_ids
+from dpo_exp.data.examples import PreferencePair, prompt_token_ids
+from dpo_exp.data.files import DataFileError, json_type, line_numbered, hub_rows, read_rows
 
 __all__ = ["DataFileError", "LoadResult", "NAMES", "HUB_NAMES", "load", "read_rows", "hub_rows",
            "check_lengths"]
@@ -131,10 +128,6 @@ KINDS = ("pairs", "sft")
 FILTERS = frozenset({"low_score_ratio", "no_preference"})  # rows dropped by design, never an error
 
 
-class DataFileError(ValueError):
-    """A file that does not parse, or an invalid row under on_invalid="error"."""
-
-
 @dataclass
 class LoadResult:
     pairs: list[PreferencePair]
@@ -146,172 +139,6 @@ class LoadResult:
         dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped.items()))
         return (f"{self.source}: {self.rows} rows -> {len(self.pairs)} kept"
                 + (f"; skipped {sum(self.skipped.values())} ({dropped})" if self.skipped else ""))
-
-
-# --------------------------------------------------------------------------------------------
-# Reading files
-
-
-def _file_format(path: str) -> tuple[str, bool]:
-    name = path.lower()
-    compressed = name.endswith(".gz")
-    if compressed:
-        name = name[:-3]
-    for fmt in ("jsonl", "json", "csv", "parquet"):
-        if name.endswith("." + fmt):
-            return fmt, compressed
-    raise DataFileError(f"{path}: unsupported file type; expected .jsonl, .json, .csv or .parquet, "
-                        "each optionally .gz")
-
-
-def _line_numbered(path: str) -> bool:
-    return _file_format(str(path))[0] in ("jsonl", "csv")
-
-
-def _open_binary(path: str, compressed: bool):
-    return gzip.open(path, "rb") if compressed else open(path, "rb")
-
-
-def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
-        type(value), type(value).__name__)
-
-
-def read_rows(path) -> Iterator[tuple[int, dict]]:
-    """Rows of a local file: .jsonl/.json/.parquet/.csv, each optionally .gz; yields (number, row).
-
-    The file type and existence are checked at once; parse errors surface while iterating, as
-    one DataFileError naming the file and line (or row).
-    """
-    path = str(path)
-    fmt, compressed = _file_format(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    reader = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[fmt]
-    return _guarded(path, reader(path, compressed))
-
-
-def _guarded(path: str, rows: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
-    # A truncated or mislabelled .gz only fails once read; say which file rather than letting
-    # gzip's internals surface.
-    try:
-        yield from rows
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise DataFileError(f"{path}: not a readable gzip file ({err})") from None
-    except UnicodeDecodeError as err:
-        raise DataFileError(f"{path}: not UTF-8 text ({err.reason})") from None
-
-
-def _jsonl_rows(path: str, compressed: bool) -> Iterator[tuple[int, dict]]:
-    # Bytes, split on b"\n" only: JSON strings cannot hold a raw newline, so each line is one
-    # record, and decoding per line lets a bad byte be reported with its line.
-    with _open_binary(path, compressed) as handle:
-        for number, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataFileError(f"{path}: line {number}: not UTF-8 text ({err.reason})") from None
-            if number == 1:
-                line = line.lstrip("\ufeff")
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFileError(f"{path}: line {number}: not valid JSON: {err.msg} "
-                                    f"(column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataFileError(f"{path}: line {number}: expected a JSON object, got {_json_type(row)}")
-            yield number, row
-
-
-def _json_rows(path: str, compressed: bool) -> Iterator[tuple[int, dict]]:
-    with _open_binary(path, compressed) as handle:
-        raw = handle.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataFileError(f"{path}: not UTF-8 text ({err.reason})") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":
-            # JSON Lines under a .json name, as datasets' Dataset.to_json writes by default.
-            yield from _jsonl_rows(path, compressed)
-            return
-        raise DataFileError(f"{path}: line {err.lineno}: not valid JSON: {err.msg} "
-                            f"(column {err.colno})") from None
-    if isinstance(doc, dict):
-        doc = doc["data"] if isinstance(doc.get("data"), list) else [doc]  # one-line JSON Lines
-    if not isinstance(doc, list):
-        raise DataFileError(f"{path}: expected a list of objects or {{\"data\": [...]}}, got {_json_type(doc)}")
-    for number, row in enumerate(doc, 1):
-        if not isinstance(row, dict):
-            raise DataFileError(f"{path}: row {number}: expected a JSON object, got {_json_type(row)}")
-        yield number, row
-
-
-def _csv_rows(path: str, compressed: bool) -> Iterator[tuple[int, dict]]:
-    # csv.reader rather than DictReader: quoted fields span lines (TL;DR posts do), and
-    # reader.line_num is what gives the record's first line; DictReader hides blank lines and
-    # pads or nests short and long records instead of reporting them.
-    opener = gzip.open if compressed else open
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as err:
-            raise DataFileError(f"{path}: line 1: not valid CSV: {err}") from None
-        while True:
-            start = reader.line_num + 1
-            try:
-                record = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as err:
-                raise DataFileError(f"{path}: line {start}: not valid CSV: {err}") from None
-            if not record:  # a blank line
-                continue
-            if len(record) != len(header):
-                raise DataFileError(f"{path}: line {start}: {len(record)} fields, but the header "
-                                    f"has {len(header)}")
-            yield start, dict(zip(header, record))
-
-
-def _parquet_rows(path: str, compressed: bool) -> Iterator[tuple[int, dict]]:
-    try:
-        import pyarrow
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError("reading parquet files needs pyarrow: pip install pyarrow") from err
-    if compressed:  # parquet needs random access; a gzipped one is read into memory first
-        with gzip.open(path, "rb") as handle:
-            source: Any = io.BytesIO(handle.read())
-    else:
-        source = path
-    try:
-        table = pq.ParquetFile(source)
-    except (pyarrow.ArrowException, OSError) as err:
-        raise DataFileError(f"{path}: not a valid parquet file ({err})") from None
-    number = 0
-    for batch in table.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            number += 1
-            yield number, row
-
-
-def hub_rows(hub_name: str, split: str, config: str | None = None, **load_kwargs) -> Iterator[tuple[int, dict]]:
-    """datasets.load_dataset(hub_name, config, split=split) for users with a network; rows from 1.
-
-    load_kwargs go to load_dataset, e.g. data_dir="helpful-base" for one subset of Anthropic/hh-rlhf.
-    """
-    import datasets
-
-    dataset = datasets.load_dataset(hub_name, config, split=split, **load_kwargs)
-    for number, row in enumerate(dataset, 1):
-        yield number, dict(row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +176,7 @@ def _text(row: dict, name: str) -> str:
         raise _Invalid(f"missing_key:{name}", name, "missing")
     value = row[name]
     if not isinstance(value, str):
-        raise _Invalid(f"not_a_string:{name}", name, f"expected text, got {_json_type(value)}")
+        raise _Invalid(f"not_a_string:{name}", name, f"expected text, got {json_type(value)}")
     if not value.strip():
         raise _Invalid(f"empty:{name}", name, "empty text")
     return value
@@ -466,7 +293,7 @@ def _tldr_judged(row: dict, opts: _Options) -> Converted:
     if verdict is None:  # a missing verdict read back from parquet/JSON
         verdict = ""
     if not isinstance(verdict, str):
-        raise _Invalid("not_a_string:preferred", "preferred", f"expected text, got {_json_type(verdict)}")
+        raise _Invalid("not_a_string:preferred", "preferred", f"expected text, got {json_type(verdict)}")
     verdict = verdict.strip()
     if not verdict:
         raise _Invalid("no_preference", "preferred", "no verdict", filter=True)
@@ -636,7 +463,7 @@ def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | No
     if path is not None:
         source = str(path)
         rows = read_rows(source)
-        where = "line" if _line_numbered(source) else "row"
+        where = "line" if line_numbered(source) else "row"
     elif hub_name is not None:
         source = f"{hub_name}{'/' + hub_config if hub_config else ''}[{split}]"
         rows = hub_rows(hub_name, split, hub_config)

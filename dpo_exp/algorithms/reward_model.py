@@ -1,0 +1,99 @@
+"""The Bradley–Terry reward model: π_SFT with a scalar head, trained with −log σ(r(y_w) − r(y_l)).
+
+It is a cached stage (dpo_exp.stages.reward_model_dir) shared by PPO and online DPO; `loss=reward_model`
+finds or trains it and reports its held-out accuracy. Its scores are normalised so that π_SFT's
+samples have mean 0 (N+ details, "reward normalisation").
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpo_exp.algorithms.base import Needs, OfflineAlgorithm, StepOutput, mean_metric, register
+from dpo_exp.algorithms.scorers import RewardModelScorer
+from dpo_exp.data import TokenizedPair, collate_pairs
+from dpo_exp.models import ScalarHeadModel, autocast, sample
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Reward-model loss −log σ(r(y_w) − r(y_l)), mean over pairs. (B,), (B,) → ()."""
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+@register("reward_model")
+class RewardModelAlgorithm(OfflineAlgorithm):
+    """Trains `res.reward_model` (a ScalarHeadModel) on the task's pairs; one step = a batch of pairs."""
+
+    family = "reward_model"
+    sections = ("reward_model",)
+    cached = True  # its product is a cache entry that other runs reuse (dpo_exp.stages.reward_model_dir)
+
+    @classmethod
+    def needs(cls, cfg: Any) -> Needs:
+        return Needs(reward_model=True, policy=False)
+
+    @classmethod
+    def label(cls, cfg: Any) -> str:
+        return "reward model"
+
+    def trained(self) -> dict:
+        return {"reward_model": (self.res.reward_model, self.cfg.optimizer)}
+
+    def normaliser(self, micro: dict) -> torch.Tensor:
+        return torch.tensor(float(micro["index"].shape[0]))  # pairs
+
+    def loss(self, micro: dict) -> StepOutput:
+        model = self.res.reward_model
+        with autocast(model.head.weight.device, self.precision):
+            scores = model.raw_score(micro).float()
+        b = micro["index"].shape[0]
+        chosen, rejected = scores[:b], scores[b:]
+        return StepOutput(-F.logsigmoid(chosen - rejected).sum(),
+                          {"accuracy": mean_metric((chosen > rejected).float()), "margin": mean_metric(chosen - rejected)})
+
+
+class RewardModelEvaluator:
+    """Held-out loss, accuracy (r_w > r_l strictly) and margin (r_w − r_l), means over pairs."""
+
+    def __init__(self, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int = 64, precision: str = "fp32"):
+        self.pairs, self.pad_id, self.batch_size, self.precision = list(pairs), pad_id, batch_size, precision
+
+    @torch.no_grad()
+    def __call__(self, model: ScalarHeadModel, step: int) -> tuple[dict, dict]:
+        if not self.pairs:
+            return {}, {}
+        was_training = model.training
+        model.eval()
+        device = model.head.weight.device
+        loss, acc, margin, n = 0.0, 0.0, 0.0, 0
+        for s in range(0, len(self.pairs), self.batch_size):
+            chunk = self.pairs[s:s + self.batch_size]
+            with autocast(device, self.precision):
+                scores = model.raw_score(collate_pairs(chunk, self.pad_id)).float()
+            b = len(chunk)
+            chosen, rejected = scores[:b], scores[b:]
+            loss += bradley_terry_loss(chosen, rejected).item() * b
+            acc += (chosen > rejected).float().sum().item()
+            margin += (chosen - rejected).sum().item()
+            n += b
+        model.train(was_training)
+        return {"eval/loss": loss / n, "eval/accuracy": acc / n, "eval/margin": margin / n}, {}
+
+
+@torch.no_grad()
+def normalise_reward_model(reward_model: ScalarHeadModel, sft_policy: nn.Module, tokenizer,
+                           prompt_ids: Sequence[list[int]], max_new_tokens: int, temperature: float,
+                           batch_size: int = 64, precision: str = "fp32") -> dict:
+    """Set reward_model.offset = mean raw score of π_SFT samples on `prompt_ids` → {offset, std, n}.
+
+    After this, the score of π_SFT's own samples has mean 0 (N+ details, reward normalisation).
+    """
+    samples = sample(sft_policy, tokenizer, prompt_ids, max_new_tokens, temperature, batch_size=batch_size)
+    reward_model.offset = 0.0
+    raw = RewardModelScorer(reward_model, tokenizer.pad_token_id, batch_size, precision)(
+        None, samples.prompt_ids, samples.response_ids, samples.texts)
+    reward_model.offset = raw.mean().item()
+    return {"offset": reward_model.offset, "std": raw.std().item() if len(raw) > 1 else 0.0, "n": len(raw)}

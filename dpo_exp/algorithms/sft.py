@@ -1,0 +1,42 @@
+"""SFT: per-token NLL of the chosen response. The π_SFT stage, and the Preferred-FT baseline."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from dpo_exp.algorithms.base import Needs, OfflineAlgorithm, StepOutput, mean_metric, register
+from dpo_exp.algorithms.preference import policy_pair_logps, reward_metrics
+from dpo_exp.models import PairLogps
+
+
+@register("sft")
+class SFTAlgorithm(OfflineAlgorithm):
+    """Preferred-FT / SFT. The loss is a per-token mean over every chosen token of the whole step."""
+
+    family = "sft"
+    unit = "sequences"
+
+    @classmethod
+    def needs(cls, cfg: Any) -> Needs:
+        return Needs(rejected=False)
+
+    @classmethod
+    def label(cls, cfg: Any) -> str:
+        return "Preferred-FT"
+
+    def normaliser(self, micro: dict) -> torch.Tensor:
+        b = micro["index"].shape[0]
+        return micro["response_mask"][:b].sum().float()  # chosen tokens
+
+    def loss(self, micro: dict) -> StepOutput:
+        policy = policy_pair_logps(self, micro, False)
+        return StepOutput(-policy.chosen.sum(), {"logps/chosen": mean_metric(policy.chosen)})
+
+    def pair_loss(self, policy: PairLogps, reference: Optional[PairLogps]) -> StepOutput:
+        metrics = {"logps/chosen": mean_metric(policy.chosen), "logps/rejected": mean_metric(policy.rejected)}
+        if reference is not None:  # the implicit reward of the SFT policy at the same β, for comparison
+            beta = self.cfg.loss.beta
+            metrics = reward_metrics(beta * (policy.chosen - reference.chosen),
+                                     beta * (policy.rejected - reference.rejected), policy)
+        return StepOutput(-policy.chosen, metrics)

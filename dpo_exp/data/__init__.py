@@ -1,0 +1,11 @@
+"""Rows → validated examples → tokenized batches.
+
+- `examples`: PreferencePair / TokenizedPair, the one tokenization path, left-padded collation;
+- `files`: reading rows from local files and the hub;
+- `formats`: the datasets' formats (hh, shp, tldr, imdb, ultrafeedback, pairs) and row validation.
+"""
+from dpo_exp.data.examples import (PreferencePair, TokenizedPair, collate_pairs, collate_sequences, load_pairs,
+                                   prompt_token_ids, save_pairs, tokenize_pair, tokenize_pairs)
+
+__all__ = ["PreferencePair", "TokenizedPair", "collate_pairs", "collate_sequences", "load_pairs", "prompt_token_ids",
+           "save_pairs", "tokenize_pair", "tokenize_pairs"]

@@ -1,0 +1,263 @@
+"""The training loop every algorithm shares: the π_SFT stage, the DPO family, Preferred-FT, the
+reward model, PPO and online DPO.
+
+An iteration asks the algorithm for its experience (a batch of pairs; or rollouts of the
+current policy, which PPO turns into epochs × minibatches of optimizer steps), then runs each
+optimizer step: the step's data is cut into `grad_accumulation_steps` micro-batches, each
+micro-batch's summed loss is divided by the normaliser of the WHOLE step (pairs, or tokens),
+so k micro-batches give exactly the gradient of one batch of their union; then every trained
+model is clipped and stepped with its own optimizer and schedule. The loop also owns the
+evaluation cadence, checkpoints, FLOP and wall-clock accounting, the progress bar and logging.
+It knows no algorithm by name.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dpo_exp.algorithms.base import Algorithm, Experience
+from dpo_exp.config import OptimizerConfig, OptimizerName, Schedule
+from dpo_exp.evaluation import EVAL_TABLE, SWEEP_COLUMNS, TABLE_COLUMNS
+from dpo_exp.loggers import RunLogger, progress
+
+Evaluate = Callable[[Any, int], tuple[dict, dict]]  # (model, step) -> (metrics, tables)
+
+
+@dataclass
+class LoopSettings:
+    """The loop's knobs; `from_trainer` reads them from the trainer section (algorithms may override some)."""
+    grad_accumulation_steps: int = 1  # micro-batches per optimizer step
+    eval_every: int = 100             # iterations between evaluations (and at the end)
+    eval_at_start: bool = True        # evaluate before the first iteration
+    log_every: int = 10               # iterations per logged window of train metrics
+    save_every: Optional[int] = None  # iterations between checkpoints; None: only the final one
+    save_final: bool = True           # save checkpoints/final
+    show_progress: bool = True        # progress bar with ETA
+    count_flops: bool = True          # count executed FLOPs (torch FlopCounterMode)
+
+    @classmethod
+    def from_trainer(cls, trainer_cfg, **overrides) -> "LoopSettings":
+        names = {f.name for f in fields(cls)}
+        values = {name: getattr(trainer_cfg, name) for name in names if hasattr(trainer_cfg, name)}
+        return cls(**{**values, **overrides})
+
+
+class _NoCount:
+    def get_total_flops(self) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def count_flops(enabled: bool = True):
+    """Count the FLOPs the block executes (torch's FlopCounterMode: matmuls and attention,
+    as dispatched, so measured rather than estimated from parameter counts)."""
+    if not enabled:
+        yield _NoCount()
+        return
+    with FlopCounterMode(display=False) as counter:
+        yield counter
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(params, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if OptimizerName(cfg.name) is OptimizerName.adamw:
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
+    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Schedule) -> float:
+    """Linear warm-up from 0 (DPO authors: min(1, (step+1)/(warmup+1))), then the decay schedule."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule is Schedule.constant or total_steps <= warmup_steps:
+        return 1.0
+    progress_ = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule is Schedule.linear:
+        return 1.0 - progress_
+    return 0.5 * (1.0 + math.cos(math.pi * progress_))
+
+
+class Trained:
+    """One model the loop optimises: its optimizer, schedule and clipping."""
+
+    def __init__(self, name: str, module: torch.nn.Module, cfg: OptimizerConfig, total_steps: int):
+        self.name, self.module, self.cfg = name, module, cfg
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg, next(module.parameters()).device)
+        schedule = Schedule(cfg.schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, total_steps, schedule))
+
+    def step(self) -> tuple[float, float]:
+        """Clip, step, advance the schedule; returns the grad norm before clipping and the lr used."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item(), lr
+
+    def metric_name(self, what: str) -> str:
+        return what if self.name in ("policy", "reward_model") else f"{self.name}_{what}"
+
+
+class Loop:
+    def __init__(self, algorithm: Algorithm, settings: LoopSettings, logger: RunLogger, output_dir: Path,
+                 evaluate: Optional[Evaluate] = None, tokenizer=None, label: str = "train"):
+        self.algorithm = algorithm
+        self.settings = settings
+        self.logger = logger
+        self.output_dir = Path(output_dir)
+        self.evaluate_fn = evaluate
+        self.tokenizer = tokenizer
+        self.label = label
+        self.iterations = algorithm.iterations()
+        total_steps = self.iterations * algorithm.steps_per_iteration()
+        self.trained = [Trained(name, module, opt_cfg, total_steps)
+                        for name, (module, opt_cfg) in algorithm.trained().items()]
+        self.model = self.trained[0].module  # evaluated, and saved as the run's model
+        self.step = 0                        # iterations done (= optimizer steps for offline algorithms)
+        self.flops = 0
+        self.train_seconds = 0.0             # wall-clock of training, evaluation and saving excluded
+        self.last_eval: dict = {}
+
+    # ---- one optimizer step -----------------------------------------------------------------
+    def optimizer_step(self, step_batch) -> dict[str, tuple[float, float]]:
+        """Forward and backward over the micro-batches of one step, then clip and step every model."""
+        algo = self.algorithm
+        k = min(self.settings.grad_accumulation_steps, len(step_batch))
+        micro = [step_batch.select(rows) for rows in np.array_split(np.arange(len(step_batch)), k)]
+        normaliser = sum(algo.normaliser(m) for m in micro)
+        sums: dict[str, list[float]] = {"loss": [0.0, 1.0]}
+        for batch in micro:
+            out = algo.loss(batch)
+            loss = out.loss / normaliser.to(out.loss.device)
+            loss.backward()
+            sums["loss"][0] += loss.item()
+            for key, (total, count) in out.metrics.items():
+                acc = sums.setdefault(key, [0.0, 0.0])
+                acc[0] += float(total)
+                acc[1] += count
+        for model in self.trained:
+            grad_norm, lr = model.step()
+            sums[model.metric_name("grad_norm")] = [grad_norm, 1.0]  # before clipping
+            sums[model.metric_name("learning_rate")] = [lr, 1.0]
+        return {k: (v[0], v[1]) for k, v in sums.items()}
+
+    def train_iteration(self) -> dict:
+        """Experience, then the iteration's optimizer steps; returns its metrics (without the label)."""
+        started = time.perf_counter()
+        with count_flops(self.settings.count_flops) as counter:
+            experience: Experience = self.algorithm.experience(self.step)
+        self.flops += counter.get_total_flops()
+        experience_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        sums: dict[str, list[float]] = {}
+        with count_flops(self.settings.count_flops) as counter:
+            for step_batch in experience.steps:
+                for key, (total, count) in self.optimizer_step(step_batch).items():
+                    acc = sums.setdefault(key, [0.0, 0.0])
+                    acc[0] += total
+                    acc[1] += count
+        self.flops += counter.get_total_flops()
+        update_seconds = time.perf_counter() - started
+        metrics = {key: total / count for key, (total, count) in sums.items() if count}
+        metrics.update(experience.metrics)
+        if self.algorithm.needs(self.algorithm.cfg).rollouts:
+            metrics["rollout_seconds"] = experience_seconds
+            metrics["update_seconds"] = update_seconds
+        seconds = experience_seconds + update_seconds
+        self.train_seconds += seconds
+        self.algorithm.end_iteration(metrics)
+        self.step += 1
+        return metrics, seconds, experience
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self) -> dict:
+        for model in self.trained:
+            model.module.train()
+        if self.evaluate_fn is not None and self.settings.eval_at_start:
+            self.evaluate()
+        window: list[dict] = []
+        examples, tokens, window_seconds = 0, 0, 0.0
+        unit = self.algorithm.unit
+        with progress(self.iterations, self.label, self.settings.show_progress) as bar:
+            while self.step < self.iterations:
+                metrics, seconds, experience = self.train_iteration()
+                window.append(metrics)
+                window_seconds += seconds
+                examples += experience.examples
+                tokens += experience.tokens
+                bar.update(1)
+                bar.set_postfix(**{k: f"{metrics[k]:.4g}" for k in ("loss", "reward", "kl") if k in metrics},
+                                refresh=False)
+                last = self.step == self.iterations
+                if self.step % self.settings.log_every == 0 or last:
+                    keys = dict.fromkeys(k for m in window for k in m)
+                    logged = {f"{self.label}/{k}": float(np.mean([m[k] for m in window if k in m])) for k in keys}
+                    logged.update({f"{self.label}/{k}": float(v) for k, v in experience.counters.items()})  # last value
+                    logged[f"{self.label}/flops"] = float(self.flops)        # cumulative
+                    logged[f"{self.label}/seconds"] = self.train_seconds    # cumulative training wall-clock
+                    logged[f"{self.label}/{unit}_per_second"] = examples / max(window_seconds, 1e-9)
+                    logged[f"{self.label}/tokens_per_second"] = tokens / max(window_seconds, 1e-9)
+                    self.logger.log(logged, self.step)
+                    window, examples, tokens, window_seconds = [], 0, 0, 0.0
+                if self.evaluate_fn is not None and (self.step % self.settings.eval_every == 0 or last):
+                    self.evaluate()
+                if self.settings.save_every and self.step % self.settings.save_every == 0 and not last:
+                    self.save_checkpoint(self.output_dir / "checkpoints" / f"step_{self.step}")
+        if self.settings.save_final:
+            self.save_checkpoint(self.output_dir / "checkpoints" / "final")
+        return self.last_eval
+
+    def evaluate(self) -> dict:
+        """One evaluation, logged with the cost of reaching it (for frontiers and compute comparisons)."""
+        start = time.perf_counter()
+        metrics, tables = self.evaluate_fn(self.model, self.step)
+        metrics["eval/seconds"] = time.perf_counter() - start
+        metrics["cost/train_flops"] = float(self.flops)
+        metrics["cost/train_seconds"] = self.train_seconds
+        self.logger.log(metrics, self.step)
+        for name, rows in tables.items():
+            if rows:
+                self.logger.table(name, TABLE_COLUMNS if name == EVAL_TABLE else SWEEP_COLUMNS, rows, self.step)
+        self.last_eval = {"step": self.step, **metrics}
+        return self.last_eval
+
+    def save_checkpoint(self, path: Path) -> None:
+        """The run's model in Hugging Face format (save_pretrained), other trained models in sub-folders
+        (e.g. value/), and trainer_state.pt: optimizers, schedules, the algorithm's state, RNG state."""
+        if not self.logger.is_main:
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        state: dict[str, Any] = {"step": self.step, "algorithm": self.algorithm.state_dict(),
+                                 "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                                 "python_rng": random.getstate()}
+        for i, model in enumerate(self.trained):
+            if i == 0:
+                model.module.save_pretrained(path)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(path)
+                state["optimizer"], state["scheduler"] = model.optimizer.state_dict(), model.scheduler.state_dict()
+            else:
+                model.module.save_pretrained(path / model.name)
+                state[f"{model.name}_optimizer"] = model.optimizer.state_dict()
+                state[f"{model.name}_scheduler"] = model.scheduler.state_dict()
+        torch.save(state, path / "trainer_state.pt")

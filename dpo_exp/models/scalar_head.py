@@ -1,0 +1,128 @@
+"""A causal-LM backbone with a scalar head: the reward model and PPO's value model."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from dpo_exp.models.loading import disable_dropout, load_model
+
+HEAD_FILE = "score_head.safetensors"
+HEAD_CONFIG = "scalar_head.json"
+
+
+class ScalarHeadModel(nn.Module):
+    """A causal-LM backbone (AutoModelForCausalLM) + nn.Linear(hidden, 1): one scalar per token.
+
+    The backbone's base model (`backbone.base_model`, e.g. LlamaModel) gives the final
+    hidden states, so the vocabulary projection is never computed. The head runs in float32.
+    `offset` is the reward normalisation: `score` returns raw − offset, so that π_SFT's
+    samples have mean score 0 (N+ details, "reward normalisation").
+
+    Saved in Hugging Face format: `backbone.save_pretrained(folder)` (a loadable causal LM)
+    + `score_head.safetensors` (weight (1, H), bias (1,)) + `scalar_head.json` (offset).
+    """
+
+    def __init__(self, backbone: nn.Module, head_init_std: Optional[float] = None, offset: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.get_text_config().hidden_size
+        self.head = nn.Linear(hidden, 1)
+        # reward head: N(0, 1/sqrt(H+1)) (N+ details); value head from scratch: zeros (lm-human-preferences)
+        std = 1.0 / math.sqrt(hidden + 1) if head_init_std is None else head_init_std
+        with torch.no_grad():
+            if std > 0:
+                nn.init.normal_(self.head.weight, std=std)
+            else:
+                nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        self.head.to(device=next(backbone.parameters()).device)
+        self.offset = float(offset)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L) ids → (B, L) raw scalars, float32 (one per position; no offset)."""
+        body = getattr(self.backbone, "base_model", None)
+        if body is not None and body is not self.backbone:
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+        else:  # models without a separate base model: ask for the hidden states
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False, output_hidden_states=True).hidden_states[-1]
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # float32 head even under bf16 autocast
+            return self.head(hidden.float()).squeeze(-1)
+
+    def forward_batch(self, batch: dict) -> torch.Tensor:
+        device = self.head.weight.device
+        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                    batch["position_ids"].to(device))
+
+    def raw_score(self, batch: dict) -> torch.Tensor:
+        """(B,) scalar at each row's last response token = the last column of a left-padded batch."""
+        if not bool(batch["attention_mask"][:, -1].all()):
+            raise ValueError("ScalarHeadModel.score expects left-padded batches (data.collate_sequences)")
+        return self.forward_batch(batch)[:, -1]
+
+    def score(self, batch: dict) -> torch.Tensor:
+        """(B,) normalised score: raw − offset."""
+        return self.raw_score(batch) - self.offset
+
+    def save_pretrained(self, folder: Union[str, Path], tokenizer=None) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(folder)
+        save_file({"weight": self.head.weight.detach().float().cpu().contiguous(),
+                   "bias": self.head.bias.detach().float().cpu().contiguous()}, str(folder / HEAD_FILE))
+        (folder / HEAD_CONFIG).write_text(json.dumps(
+            {"offset": self.offset, "hidden_size": self.head.in_features, "format": "dpo_exp.ppo.ScalarHeadModel/1"},
+            indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: Union[str, Path], dtype: torch.dtype = torch.float32,
+                        attn_implementation: str = "sdpa", device: Optional[Union[str, torch.device]] = None
+                        ) -> "ScalarHeadModel":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        backbone = load_model(str(folder), dtype, attn_implementation)  # dropout off
+        if device is not None:
+            backbone.to(device)
+        meta = json.loads((folder / HEAD_CONFIG).read_text())
+        model = cls(backbone, head_init_std=0.0, offset=meta["offset"])
+        state = load_file(str(folder / HEAD_FILE))
+        with torch.no_grad():
+            model.head.weight.copy_(state["weight"])
+            model.head.bias.copy_(state["bias"])
+        return model
+
+
+def make_value_model(reward_model: Optional[ScalarHeadModel] = None, policy: Optional[nn.Module] = None
+                     ) -> ScalarHeadModel:
+    """The value model: a deep copy of the reward model when there is one (its offset is
+    irrelevant: values use raw scalars), else a copy of the (initial) policy with a zero head."""
+    if reward_model is not None:
+        value = copy.deepcopy(reward_model)
+    elif policy is not None:
+        if hasattr(policy, "peft_config"):
+            raise ValueError("make_value_model: pass the plain π_SFT model (e.g. load_model(sft_dir)), not a LoRA "
+                             "policy; the value model trains all its weights")
+        value = ScalarHeadModel(copy.deepcopy(policy), head_init_std=0.0)
+    else:
+        raise ValueError("make_value_model needs a reward model or a policy to copy")
+    disable_dropout(value)
+    value.requires_grad_(True)
+    value.train()
+    return value
