@@ -97,8 +97,9 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Sche
 class Trained:
     """One model the loop optimises: its optimizer, schedule and clipping."""
 
-    def __init__(self, name: str, module: torch.nn.Module, cfg: OptimizerConfig, total_steps: int):
+    def __init__(self, name: str, module: torch.nn.Module, cfg: OptimizerConfig, total_steps: int, primary: bool):
         self.name, self.module, self.cfg = name, module, cfg
+        self.prefix = "" if primary else f"{name}_"  # the run's model logs grad_norm; PPO's value model value_grad_norm
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg, next(module.parameters()).device)
         schedule = Schedule(cfg.schedule)
@@ -115,7 +116,7 @@ class Trained:
         return grad_norm.item(), lr
 
     def metric_name(self, what: str) -> str:
-        return what if self.name in ("policy", "reward_model") else f"{self.name}_{what}"
+        return self.prefix + what
 
 
 class Loop:
@@ -130,8 +131,8 @@ class Loop:
         self.label = label
         self.iterations = algorithm.iterations()
         total_steps = self.iterations * algorithm.steps_per_iteration()
-        self.trained = [Trained(name, module, opt_cfg, total_steps)
-                        for name, (module, opt_cfg) in algorithm.trained().items()]
+        self.trained = [Trained(name, module, opt_cfg, total_steps, primary=i == 0)
+                        for i, (name, (module, opt_cfg)) in enumerate(algorithm.trained().items())]
         self.model = self.trained[0].module  # evaluated, and saved as the run's model
         self.step = 0                        # iterations done (= optimizer steps for offline algorithms)
         self.flops = 0
@@ -145,7 +146,7 @@ class Loop:
         k = min(self.settings.grad_accumulation_steps, len(step_batch))
         micro = [step_batch.select(rows) for rows in np.array_split(np.arange(len(step_batch)), k)]
         normaliser = sum(algo.normaliser(m) for m in micro)
-        sums: dict[str, list[float]] = {"loss": [0.0, 1.0]}
+        sums: dict[str, list[float]] = {"loss": [0.0, 1.0]}  # [total, count]; the step's loss is one value per step
         for batch in micro:
             out = algo.loss(batch)
             loss = out.loss / normaliser.to(out.loss.device)
@@ -161,8 +162,9 @@ class Loop:
             sums[model.metric_name("learning_rate")] = [lr, 1.0]
         return {k: (v[0], v[1]) for k, v in sums.items()}
 
-    def train_iteration(self) -> dict:
-        """Experience, then the iteration's optimizer steps; returns its metrics (without the label)."""
+    def train_iteration(self) -> tuple[dict, float, Experience]:
+        """Experience, then the iteration's optimizer steps; returns its metrics (names without the
+        label), its training seconds and the experience (for throughput)."""
         started = time.perf_counter()
         with count_flops(self.settings.count_flops) as counter:
             experience: Experience = self.algorithm.experience(self.step)

@@ -51,19 +51,23 @@ class PreferenceAlgorithm(OfflineAlgorithm):
     def label(cls, cfg: Any) -> str:
         return f"{str(cfg.loss.name).upper()} β={cfg.loss.beta:g}"
 
+    def __init__(self, name: str, cfg: Any, res):
+        super().__init__(name, cfg, res)
+        self.uses_reference = self.needs(cfg).reference
+
     def normaliser(self, micro: dict) -> torch.Tensor:
         return torch.tensor(float(micro["index"].shape[0]))  # pairs
 
     def loss(self, micro: dict) -> StepOutput:
         policy = policy_pair_logps(self, micro, True)
-        reference = reference_pair_logps(self, micro, True, "train") if self.needs(self.cfg).reference else None
+        reference = reference_pair_logps(self, micro, True, "train") if self.uses_reference else None
         out = self.pair_loss(policy, reference)
         out.loss = out.loss.sum()
         return out
 
     def pair_loss(self, policy: PairLogps, reference: Optional[PairLogps]) -> StepOutput:
         c = self.cfg.loss
-        use_ref = self.needs(self.cfg).reference and reference is not None
+        use_ref = self.uses_reference and reference is not None
         out = preference_loss(
             self.name, policy.chosen, policy.rejected,
             reference.chosen if use_ref else None, reference.rejected if use_ref else None,
