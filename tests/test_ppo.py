@@ -18,16 +18,6 @@ from dpo_exp.reference import Reference
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded; on a busy shared 2-core machine, 2 threads
-    were measured ~25x slower (oversubscription). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ListSink:
     def __init__(self):
         self.rows, self.tables = [], []

@@ -1,12 +1,10 @@
 """The paper's experiments as presets: they carry the paper's settings, and each runs end to
 end here at tiny scale on the real local data (skipped with a reason when it is absent)."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA
+from conftest import SHARED_DATA, run_cli
 from dpo_exp import train as train_module
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.exists(),
@@ -46,11 +44,8 @@ def test_paper_presets_carry_the_papers_settings(smoke_cfg, preset, model, data,
 def test_preset_runs_end_to_end_at_tiny_scale_through_the_cli(tmp_path, preset):
     """`python -m dpo_exp.train experiment=NAME debug=smoke ...`, as a user types it (compose alone is not enough)."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dpo_exp.train", f"experiment={preset}", "debug=smoke", *TINY_OVERRIDES[preset],
-           "optimizer.lr=1e-3", "optimizer.warmup_steps=0", f"paths.cache_dir={tmp_path / 'cache'}",
-           f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli(f"experiment={preset}", "debug=smoke", *TINY_OVERRIDES[preset], "optimizer.lr=1e-3",
+            "optimizer.warmup_steps=0", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["train_pairs"] > 0
     assert "eval/kl" in summary
