@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -196,6 +196,7 @@ def run(cfg: DictConfig) -> dict:
                    "sft_policy": prep.sft_dir, "wall_seconds": time.perf_counter() - started,
                    "algorithm/name": str(cfg.loss.name), "algorithm/family": cls.family_of(cfg),
                    "algorithm/label": cls.label(cfg), "algorithm/stages": stages_paid(cls.needs(cfg)),
+                   "algorithm/needs": asdict(cls.needs(cfg)),
                    **stage_costs(cfg, prep), **{f"data/skipped/{reason}": n for reason, n in prep.skipped.items()}}
         logger.summary(summary)
     finally:

@@ -85,7 +85,8 @@ def main() -> None:
     if "dpo-family" not in best:
         return
     d = best["dpo-family"]
-    for family in sorted(set(best) & {"ppo", "online-dpo"}):  # the methods that sample while training
+    sampling = {r.family for r in runs if r.summary.get("algorithm/needs", {}).get("rollouts")}
+    for family in sorted(set(best) & sampling):  # the methods that sample while training, each against DPO
         p = best[family]
         print(f"\n{family} / DPO compute to reach their best points: "
               f"{p['TFLOPs to best'] / d['TFLOPs to best']:.2f}x FLOPs, "
