@@ -352,8 +352,6 @@ def validate(cfg: Any) -> None:
                      ("reward_model.optimizer", cfg.reward_model.optimizer)]:
         if opt.warmup_steps < 0 or opt.lr <= 0:
             raise ConfigError(f"{key}.lr must be > 0 and {key}.warmup_steps >= 0")
-    if needs.rollouts and cfg.eval.kl and not cfg.reference.enabled:
-        raise ConfigError(f"loss={name} samples from the policy and is measured by KL(π‖π_ref): keep reference.enabled")
     if "ppo" in algorithm.sections:
         _validate_ppo(cfg)
     if "online_dpo" in algorithm.sections:

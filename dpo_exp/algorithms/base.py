@@ -15,6 +15,7 @@ Registering is one decorator, from anywhere (a test file, a user's module):
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -74,15 +75,16 @@ class StepOutput:
     metrics: dict[str, Metric] = field(default_factory=dict)
 
 
-class StepBatch:
+class StepBatch(ABC):
     """The data of one optimizer step; the loop cuts it into micro-batches with `select`."""
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Rows (pairs, episodes) in the step."""
 
+    @abstractmethod
     def select(self, rows: np.ndarray) -> Any:
         """The micro-batch of these rows (positions 0..len-1), ready for Algorithm.loss."""
-        raise NotImplementedError
 
 
 @dataclass
@@ -111,8 +113,9 @@ class Resources:
     gold_reward: Any = None               # the task's gold reward, if it has one
 
 
-class Algorithm:
-    """Base of every algorithm. Subclasses set `family`, `unit` and override what differs."""
+class Algorithm(ABC):
+    """Base of every algorithm. Subclasses set `family`, `unit` and override what differs; the four
+    abstract methods are what every algorithm must say (OfflineAlgorithm supplies the first two)."""
 
     family: str = ""          # written to summary.json as algorithm/family (frontiers and tables group by it)
     unit: str = "pairs"       # what throughput counts: train/<unit>_per_second
@@ -147,22 +150,24 @@ class Algorithm:
         """The modules the loop optimises, each with its optimizer settings; 'policy' is saved as the run's model."""
         return {"policy": (self.res.policy, self.cfg.optimizer)}
 
+    @abstractmethod
     def iterations(self) -> int:
         """How many iterations the run takes (known before training: the schedule and the progress bar need it)."""
-        raise NotImplementedError
 
     def steps_per_iteration(self) -> int:
         return 1
 
+    @abstractmethod
     def experience(self, iteration: int) -> Experience:
-        raise NotImplementedError
+        """What iteration `iteration` (0-based) trains on."""
 
+    @abstractmethod
     def normaliser(self, micro: Any) -> torch.Tensor:
         """Units of the micro-batch that the step's loss is a mean over (pairs, tokens)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, micro: Any) -> StepOutput:
-        raise NotImplementedError
+        """The micro-batch's loss summed over its units, and its metrics."""
 
     def end_iteration(self, metrics: dict) -> None:
         """After the iteration's updates (e.g. PPO's KL controller)."""

@@ -32,9 +32,9 @@ class OnlinePairBatch(PairBatch):
 
     def select(self, rows):
         batch = collate_pairs([self.pairs[i] for i in rows], self.pad_id)
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        batch["reference_chosen"] = self.reference.chosen[rows]
-        batch["reference_rejected"] = self.reference.rejected[rows]
+        index = torch.as_tensor(rows, dtype=torch.long)
+        batch["reference_chosen"] = self.reference.chosen[index]      # (b,) summed log π_ref
+        batch["reference_rejected"] = self.reference.rejected[index]
         return batch
 
 
