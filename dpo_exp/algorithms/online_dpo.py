@@ -15,12 +15,10 @@ import torch
 
 from dpo_exp.algorithms.base import Algorithm, Experience, Needs, PairBatch, StepOutput, batch_plan, register
 from dpo_exp.algorithms.ppo import make_scorer
-from dpo_exp.algorithms.preference import policy_pair_logps, reward_metrics
-from dpo_exp.models import PairLogps
+from dpo_exp.algorithms.preference import policy_pair_logps, preference_step
 from dpo_exp.config import RewardSource
 from dpo_exp.data import TokenizedPair, collate_pairs
-from dpo_exp.losses import preference_loss
-from dpo_exp.models import sample
+from dpo_exp.models import PairLogps, sample
 
 
 class OnlinePairBatch(PairBatch):
@@ -116,9 +114,4 @@ class OnlineDPO(Algorithm):
         return out
 
     def pair_loss(self, policy: PairLogps, reference) -> StepOutput:
-        c = self.cfg.loss
-        out = preference_loss(
-            self.o.loss, policy.chosen, policy.rejected, None if reference is None else reference.chosen,
-            None if reference is None else reference.rejected, c.beta, label_smoothing=c.label_smoothing,
-            alpha=c.alpha, gamma=c.gamma, chosen_length=policy.chosen_length, rejected_length=policy.rejected_length)
-        return StepOutput(out.loss, reward_metrics(out.chosen_rewards, out.rejected_rewards, policy))
+        return preference_step(self.o.loss, self.cfg.loss, policy, reference)

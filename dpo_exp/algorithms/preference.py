@@ -66,11 +66,15 @@ class PreferenceAlgorithm(OfflineAlgorithm):
         return out
 
     def pair_loss(self, policy: PairLogps, reference: Optional[PairLogps]) -> StepOutput:
-        c = self.cfg.loss
-        use_ref = self.uses_reference and reference is not None
-        out = preference_loss(
-            self.name, policy.chosen, policy.rejected,
-            reference.chosen if use_ref else None, reference.rejected if use_ref else None,
-            c.beta, label_smoothing=c.label_smoothing, alpha=c.alpha, gamma=c.gamma,
-            chosen_length=policy.chosen_length, rejected_length=policy.rejected_length)
-        return StepOutput(out.loss, reward_metrics(out.chosen_rewards, out.rejected_rewards, policy))
+        return preference_step(self.name, self.cfg.loss, policy, reference if self.uses_reference else None)
+
+
+def preference_step(variant: str, loss_cfg, policy: PairLogps, reference: Optional[PairLogps]) -> StepOutput:
+    """Per-pair loss of a DPO-family variant (loss.beta, label_smoothing, alpha, gamma) and its reward metrics;
+    shared by offline and online DPO. reference None: the reference-free form."""
+    out = preference_loss(
+        variant, policy.chosen, policy.rejected, None if reference is None else reference.chosen,
+        None if reference is None else reference.rejected, loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
+        alpha=loss_cfg.alpha, gamma=loss_cfg.gamma, chosen_length=policy.chosen_length,
+        rejected_length=policy.rejected_length)
+    return StepOutput(out.loss, reward_metrics(out.chosen_rewards, out.rejected_rewards, policy))
