@@ -7,14 +7,16 @@ before any model is loaded. Units and meanings of every key are in the yaml comm
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
-
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class Choice(str, Enum):
@@ -304,6 +306,28 @@ def algorithm_of(cfg: Any):
         raise ConfigError(err.args[0]) from None
 
 
+def check_keys(cfg: Any, schema: type = None, prefix: str = "") -> None:
+    """Every key of a typed section is one its dataclass declares.
+
+    Composition already refuses `loss.betta=0.5`, but Hydra's `+loss.betta=0.5` (and `++`) adds the key to
+    the typed node anyway, and the run would silently ignore it; this refuses it with the message
+    composition gives for the unprefixed form. Free-form fields (Dict[str, Any], e.g. model.architecture)
+    are not checked.
+    """
+    schema = schema or Config
+    declared = typing.get_type_hints(schema)
+    for key in cfg.keys() if OmegaConf.is_config(cfg) else ():
+        full_key = f"{prefix}{key}"
+        if key not in declared:
+            close = difflib.get_close_matches(str(key), declared, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"Key '{key}' not in '{schema.__name__}' (full_key: {full_key}): not a setting{hint}; "
+                              f"the keys of {prefix.rstrip('.') or 'the config'} are: {', '.join(declared)}")
+        kind = declared[key]
+        if dataclasses.is_dataclass(kind) and OmegaConf.is_dict(node := cfg._get_node(key)):
+            check_keys(node, kind, f"{full_key}.")
+
+
 def validate(cfg: Any) -> None:
     """Checks that need more than one key; raises ConfigError before any model loads.
 
@@ -312,6 +336,7 @@ def validate(cfg: Any) -> None:
     """
     from dpo_exp.losses import VARIANTS
 
+    check_keys(cfg)
     algorithm = algorithm_of(cfg)
     needs = algorithm.needs(cfg)
     loss = cfg.loss

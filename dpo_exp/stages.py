@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from dpo_exp.algorithms import Resources, algorithm_class
 from dpo_exp.algorithms.reward_model import RewardModelEvaluator, normalise_reward_model
 from dpo_exp.cache import cache_key, get_or_build
-from dpo_exp.data import PreferencePair, load_pairs, prompt_token_ids, save_pairs, tokenize_pairs
+from dpo_exp.data import PreferencePair, load_pairs, prompt_token_ids, save_pairs, tokenize_dataset
 from dpo_exp.loggers import FileSink, RunLogger, console
 from dpo_exp.loop import Loop, LoopSettings, count_flops, seed_everything
 from dpo_exp.models import ScalarHeadModel, load_model, load_tokenizer, new_model, resolve_device, torch_dtype
@@ -27,13 +27,21 @@ def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) else dict(node)
 
 
+# Model settings that make π_SFT; the rest (LoRA, block_class, gradient checkpointing, the reference's dtype,
+# attention kernel) only change how later stages train or run, never the SFT weights' values.
+SFT_MODEL_KEYS = ("name", "name_or_path", "architecture", "tokenizer", "policy_dtype", "trust_remote_code")
+
+
 def sft_key(cfg) -> dict:
+    """What determines π_SFT: the task name, the data section except data.max_length (the SFT stage cuts
+    sequences at sft.max_length), SFT_MODEL_KEYS of the model, the whole sft section except sft.checkpoint,
+    the seed and trainer.precision. Not the loss, β, LoRA or anything of the later stages."""
     sft = _plain(cfg.sft)
     sft.pop("checkpoint")
-    model = _plain(cfg.model)
-    for unused in ("reference_dtype", "gradient_checkpointing", "attn_implementation"):
-        model.pop(unused)
-    return {"version": CACHE_VERSION, "task": cfg.task.name, "data": _plain(cfg.data), "model": model, "sft": sft,
+    data = _plain(cfg.data)
+    data.pop("max_length")
+    model = {k: v for k, v in _plain(cfg.model).items() if k in SFT_MODEL_KEYS}
+    return {"version": CACHE_VERSION, "task": cfg.task.name, "data": data, "model": model, "sft": sft,
             "seed": cfg.seed, "precision": str(cfg.trainer.precision)}
 
 
@@ -84,8 +92,8 @@ def train_sft(cfg, task, out: Path) -> None:
         model = new_model(OmegaConf.to_container(cfg.model.architecture), tokenizer, dtype, cfg.model.attn_implementation)
     model.to(device)
     s = cfg.sft
-    examples = tokenize_pairs(tokenizer, task.sft_examples(tokenizer), s.max_length,
-                              min(cfg.data.max_prompt_length, s.max_length - 1), task.keep_prompt_end)
+    examples, _ = tokenize_dataset(tokenizer, task.sft_examples(tokenizer), s.max_length,  # room for a response token:
+                                   min(cfg.data.max_prompt_length, s.max_length - 1), task.keep_prompt_end)  # none dropped
     stage = stage_config(cfg, "sft", s.optimizer, batch_size=s.batch_size, epochs=s.epochs, max_steps=s.max_steps)
     algorithm = algorithm_class("sft")("sft", stage, Resources(stage, tokenizer, device, policy=model,
                                                                train_pairs=examples))
@@ -106,6 +114,9 @@ def stage_config(cfg, algorithm: str, optimizer, **trainer):
 
 
 def pairs_key(cfg, sft_dir: str) -> dict:
+    """What determines the preference pairs: π_SFT's folder (itself a key of everything SFT depends on), the
+    whole task and data sections (prompts, sampling, the gold reward; the dataset's files and filters) and the
+    seed. Not the model's training settings, the loss or β."""
     return {"version": CACHE_VERSION, "sft": sft_dir, "task": _plain(cfg.task), "data": _plain(cfg.data),
             "seed": cfg.seed}
 
@@ -128,6 +139,9 @@ def preference_data(cfg, task, sft_dir: str, tokenizer) -> tuple[list[Preference
 
 
 def reward_model_key(cfg, sft_dir: str) -> dict:
+    """What determines the reward model: the pairs' key, the whole reward_model section, PPO's sampling
+    temperature and max_new_tokens (its scores are normalised on π_SFT's samples at them), the model's dtype,
+    trainer.precision and the seed."""
     return {"version": CACHE_VERSION, "pairs": pairs_key(cfg, sft_dir), "reward_model": _plain(cfg.reward_model),
             "normalise": {"temperature": cfg.ppo.temperature, "max_new_tokens": cfg.ppo.max_new_tokens},
             "model": {"dtype": cfg.model.policy_dtype}, "precision": str(cfg.trainer.precision), "seed": cfg.seed}

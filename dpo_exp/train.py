@@ -22,7 +22,7 @@ from transformers.utils import logging as transformers_logging
 
 from dpo_exp.algorithms import Needs, Resources
 from dpo_exp.config import ConfigError, algorithm_of, register_configs, validate
-from dpo_exp.data import prompt_token_ids, tokenize_pairs
+from dpo_exp.data import prompt_token_ids, tokenize_dataset
 from dpo_exp.evaluation import EvalPrompts, Evaluator
 from dpo_exp.loggers import FileSink, RunLogger, WandbSink, is_main_process
 from dpo_exp.loop import Loop, LoopSettings, seed_everything
@@ -76,8 +76,13 @@ def prepare(cfg) -> Prepared:
     if not train_pairs:
         raise ValueError(f"no training pairs left after validation (skipped: {skipped})")
     lengths = (cfg.data.max_length, cfg.data.max_prompt_length, task.keep_prompt_end)
-    return Prepared(task, sft_dir, tokenizer, train_pairs, eval_pairs, tokenize_pairs(tokenizer, train_pairs, *lengths),
-                    tokenize_pairs(tokenizer, eval_pairs, *lengths), skipped, device)
+    train_tok, train_dropped = tokenize_dataset(tokenizer, train_pairs, *lengths)
+    eval_tok, eval_dropped = tokenize_dataset(tokenizer, eval_pairs, *lengths)
+    skipped = {**skipped, **{f"train/{k}": v for k, v in train_dropped.items()},
+               **{f"eval/{k}": v for k, v in eval_dropped.items()}}
+    if not train_tok:
+        raise ValueError(f"no training pairs left after tokenization (skipped: {skipped})")
+    return Prepared(task, sft_dir, tokenizer, train_pairs, eval_pairs, train_tok, eval_tok, skipped, device)
 
 
 # ---- building what an algorithm needs ------------------------------------------------------------
@@ -201,29 +206,33 @@ def run(cfg: DictConfig) -> dict:
         logger.summary(summary)
     finally:
         logger.finish()
-    print_summary(summary, cfg)
+    print_summary(summary, cfg, cls)
     return summary
 
 
-def print_summary(summary: dict, cfg) -> None:
-    if not is_main_process():
-        return
-
+def summary_lines(summary: dict, cfg, algorithm) -> list[str]:
+    """The printed summary: the gold reward and KL of the policy's samples where the run measured them, then the
+    algorithm's own headline numbers (Algorithm.headline)."""
     def fmt(key: str) -> str:
         value = summary.get(key)
         return "n/a" if value is None else f"{value:.4f}"
 
-    lines = [
-        f"== dpo_exp summary: {cfg.experiment_name}, loss={cfg.loss.name}, beta={cfg.loss.beta}, {summary['steps']} steps, "
-        f"{summary['wall_seconds']:.0f}s",
-        f"gold reward  pi_ref (pi_SFT): {fmt('eval/gold_reward_ref')}   policy: {fmt('eval/gold_reward')}",
-        f"KL(pi||pi_ref): {fmt('eval/kl')} +- {fmt('eval/kl_stderr')} nats (sequence level)",
-        f"held-out preference accuracy (implicit reward): {fmt('eval/rewards/accuracies')}",
-        f"rows skipped by reason: {skipped}" if (skipped := {k[13:]: v for k, v in summary.items()
-                                                            if k.startswith("data/skipped/")}) else "rows skipped: none",
-        f"run directory: {cfg.paths.output_dir}",
-    ]
-    print("\n".join(lines))
+    lines = [f"== dpo_exp summary: {cfg.experiment_name}, {algorithm.label(cfg)} (loss={cfg.loss.name}), "
+             f"{summary['steps']} steps, {summary['wall_seconds']:.0f}s"]
+    if "eval/gold_reward" in summary:
+        lines.append(f"gold reward  pi_ref (pi_SFT): {fmt('eval/gold_reward_ref')}   policy: {fmt('eval/gold_reward')}")
+    if "eval/kl" in summary:
+        lines.append(f"KL(pi||pi_ref): {fmt('eval/kl')} +- {fmt('eval/kl_stderr')} nats (sequence level)")
+    lines += [f"{title}: {fmt(key)}" for title, key in algorithm.headline if key in summary]
+    skipped = {k[len("data/skipped/"):]: v for k, v in summary.items() if k.startswith("data/skipped/")}
+    lines.append(f"rows skipped by reason: {skipped}" if skipped else "rows skipped: none")
+    lines.append(f"run directory: {cfg.paths.output_dir}")
+    return lines
+
+
+def print_summary(summary: dict, cfg, algorithm) -> None:
+    if is_main_process():
+        print("\n".join(summary_lines(summary, cfg, algorithm)))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -40,6 +40,26 @@ def tiny_lm():
 
 
 @pytest.fixture(scope="session")
+def chat_tokenizer():
+    """A word-level tokenizer with a small chat template that, like real ones, refuses a
+    conversation opening with an assistant turn."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>", "hi", "there"]
+    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", pad_token="<pad>",
+                                        eos_token="<eos>")
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'assistant' %}"
+        "{{ raise_exception('a conversation starts with a user or system turn') }}{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
     """One cache for the session's end-to-end runs: π_SFT is trained once, as in a sweep."""
     return tmp_path_factory.mktemp("cache")

@@ -142,3 +142,89 @@ def test_readme_documents_commands():
 @pytest.mark.parametrize("line, overrides", list(documented_commands()))
 def test_every_documented_command_composes(line, overrides):
     validate(compose_cfg(overrides))
+
+
+# ---- yaml values as written: no glued comments, valid hub ids --------------------------------------
+
+HUB_KEYS = ("hub_name", "name_or_path", "tokenizer")
+
+
+def test_no_yaml_value_swallows_its_comment():
+    """`key: value# comment` makes the comment part of the value (YAML needs whitespace before #)."""
+    glued = []
+    for path in CONF.rglob("*.yaml"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\S#", line.split(" #")[0] if not line.lstrip().startswith("#") else ""):
+                glued.append(f"{path.relative_to(CONF)}:{number}: {line.strip()}")
+    assert not glued, "values with a comment glued on (put a space before #):\n" + "\n".join(glued)
+
+
+def _hub_values(node, prefix=""):
+    for key, value in (node.items() if isinstance(node, dict) else ()):
+        if isinstance(value, dict):
+            yield from _hub_values(value, f"{prefix}{key}.")
+        elif key in HUB_KEYS and isinstance(value, str):
+            yield f"{prefix}{key}", value
+
+
+def assert_valid_hub_ids(values, where: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    for key, value in values:
+        if value.startswith(("/", ".", "~", "${")):
+            continue  # a local folder or an interpolation
+        try:
+            validate_repo_id(value)  # what datasets.load_dataset and from_pretrained call on a hub id
+        except HFValidationError as err:
+            raise AssertionError(f"{where}: {key}={value!r} is not a valid hub id: {err}") from None
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")))
+def test_hub_ids_written_in_yaml_are_valid(path):
+    import yaml
+
+    assert_valid_hub_ids(_hub_values(yaml.safe_load((CONF / path).read_text()) or {}), path)
+
+
+@pytest.mark.parametrize("override", [o for o in group_options() if o.split("=")[0] in ("experiment", "model", "data")])
+def test_hub_ids_of_every_composed_preset_and_option_are_valid(override):
+    cfg = OmegaConf.to_container(compose_cfg([override]), enum_to_str=True)
+    assert_valid_hub_ids(_hub_values(cfg), override)
+
+
+def test_the_glued_comment_check_sees_a_glued_comment(tmp_path):
+    assert re.search(r"\S#", "hub_name: CarperAI/openai_summarize_comparisons# datasets name".split(" #")[0])
+    with pytest.raises(AssertionError, match="not a valid hub id"):
+        assert_valid_hub_ids([("hub_name", "CarperAI/openai_summarize_comparisons# datasets name")], "x.yaml")
+
+
+# ---- closed schemas: `+key=value` is refused like `key=value` --------------------------------------
+
+@pytest.mark.parametrize("override, schema, key", [
+    ("loss.betta=0.5", "LossConfig", "loss.betta"),
+    ("model.lora.rr=3", "LoraConfig", "model.lora.rr"),
+    ("trainer.max_stepz=3", "TrainerConfig", "trainer.max_stepz"),
+])
+def test_an_unknown_key_fails_with_the_same_message_with_or_without_plus(override, schema, key):
+    name = key.rsplit(".", 1)[1]
+    message = f"Key '{name}' not in '{schema}'"
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg([override])
+    assert message in str(info.value.__cause__) and key in str(info.value.__cause__)
+    for prefix in ("+", "++"):  # Hydra adds the key to the typed node; validate refuses it before anything loads
+        with pytest.raises(ConfigError) as refused:
+            validate(compose_cfg([prefix + override]))
+        assert message in str(refused.value) and f"full_key: {key}" in str(refused.value)
+    assert "did you mean" in str(refused.value)
+
+
+def test_plus_typos_fail_on_the_command_line_before_anything_runs(tmp_path, capsys):
+    from conftest import run_cli
+
+    with pytest.raises(AssertionError, match="exited with 1"):
+        run_cli("+loss.betta=0.5", "debug=smoke", f"paths.root_dir={tmp_path}")
+    assert "Key 'betta' not in 'LossConfig'" in capsys.readouterr().err
+    assert not (tmp_path / "outputs" / "cache").exists()  # nothing was trained
+    with pytest.raises(ConfigError, match="Key 'foo' not in 'Config'"):
+        validate(compose_cfg(["+foo=1"]))
+    validate(compose_cfg(["+model.architecture.rope_theta=10000.0"]))  # a free-form section stays open

@@ -206,15 +206,30 @@ PPO_KEYS = {"train/reward", "train/kl", "train/rlhf_reward", "train/kl_coef", "t
             "train/rollout_seconds", "train/update_seconds"}
 
 
-def test_reward_model_then_ppo_and_online_dpo_reuse_one_cached_reward_model(smoke_cfg, tmp_path):
+def printed_summary(capsys) -> list[str]:
+    out = capsys.readouterr().out
+    return out[out.rindex("== dpo_exp summary"):].splitlines()
+
+
+def test_reward_model_then_ppo_and_online_dpo_reuse_one_cached_reward_model(smoke_cfg, tmp_path, capsys):
     cache = tmp_path / "cache"
     rm = train_module.run(smoke_cfg("loss=reward_model", f"paths.cache_dir={cache}",
                                     f"paths.output_dir={tmp_path / 'rm'}"))
     assert {"eval/accuracy", "eval/loss", "eval/margin"} <= set(rm) and rm["cost/reward_model_flops"] > 0
+    lines = printed_summary(capsys)  # the reward model's own numbers, not the policy's n/a
+    assert f"held-out preference accuracy (reward model): {rm['eval/accuracy']:.4f}" in lines
+    assert f"held-out mean margin r(y_w) - r(y_l): {rm['eval/margin']:.4f}" in lines
+    assert not any("n/a" in line or "gold reward" in line or "beta" in line for line in lines)
     entry = next((cache / "reward_model").glob("*/COMPLETE"))
     built_at = entry.stat().st_mtime_ns
     cfg = smoke_cfg("loss=ppo", f"paths.cache_dir={cache}", f"paths.output_dir={tmp_path / 'ppo'}")
     summary = train_module.run(cfg)
+    lines = printed_summary(capsys)  # PPO: the gold reward and KL of its samples, no implicit-reward stand-in
+    assert f"{REGISTRY['ppo'].label(cfg)} (loss=ppo)" in lines[0]
+    assert f"gold reward  pi_ref (pi_SFT): {summary['eval/gold_reward_ref']:.4f}   policy: " \
+           f"{summary['eval/gold_reward']:.4f}" in lines
+    assert any(line.startswith(f"KL(pi||pi_ref): {summary['eval/kl']:.4f} +- ") for line in lines)
+    assert not any("n/a" in line or "implicit reward" in line for line in lines)
     online = train_module.run(smoke_cfg("loss=online_dpo", f"paths.cache_dir={cache}",
                                         f"paths.output_dir={tmp_path / 'online'}"))
     assert len(list((cache / "reward_model").glob("*/COMPLETE"))) == 1 and entry.stat().st_mtime_ns == built_at

@@ -60,26 +60,6 @@ def write_json(path: Path, doc) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    """A word-level tokenizer with a small chat template that, like real ones, refuses a
-    conversation opening with an assistant turn."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>", "hi", "there"]
-    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", pad_token="<pad>",
-                                        eos_token="<eos>")
-    tokenizer.chat_template = (
-        "{% if messages[0]['role'] == 'assistant' %}"
-        "{{ raise_exception('a conversation starts with a user or system turn') }}{% endif %}"
-        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    return tokenizer
-
-
 def assert_skipped_and_raised(tmp_path, name, rows, reason, field, where="line 2", **kwargs):
     """rows[1] is the defect: skipped under `reason`, or named (file, line, field) on error."""
     path = write_jsonl(tmp_path / "train.jsonl", rows)
@@ -325,7 +305,7 @@ def test_tldr_judged_csv(tmp_path):
     assert result.skipped == {"no_preference": 1} and result.rows == 3
     sft = load("tldr", path=str(path), kind="sft")
     assert [p.chosen for p in sft.pairs] == ["  ref one", " ref two", " ref three"]
-    assert all(p.rejected == "" for p in sft.pairs) and sft.skipped == {}
+    assert all(p.rejected is None for p in sft.pairs) and sft.skipped == {}
 
 
 def test_tldr_judged_defects_name_the_csv_line(tmp_path):
@@ -421,7 +401,7 @@ def test_chat_rows_rendered_with_chat_template(tmp_path, chat_tokenizer, suffix)
 def test_chat_rows_sft(tmp_path, chat_tokenizer):
     path = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
     result = load("pairs", path=str(path), tokenizer=chat_tokenizer, kind="sft")
-    assert [(p.chosen, p.rejected) for p in result.pairs] == [("4", ""), ("Paris.", ""), (" Hello!", "")]
+    assert [(p.chosen, p.rejected) for p in result.pairs] == [("4", None), ("Paris.", None), (" Hello!", None)]
     assert result.pairs[1].prompt == "<|system|>\nBe brief.\n<|user|>\nCapital of France?\n<|assistant|>\n"
 
 

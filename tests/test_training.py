@@ -1,4 +1,8 @@
 """The pieces of the loop a researcher relies on: log-probs, batching, accumulation, schedule."""
+import math
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -6,8 +10,9 @@ from conftest import build_loop, make_cfg
 from dpo_exp.algorithms import Resources
 from dpo_exp.algorithms.base import PairBatch, batch_plan
 from dpo_exp.config import Schedule
-from dpo_exp.data import TokenizedPair, collate_pairs, collate_sequences
+from dpo_exp.data import PreferencePair, TokenizedPair, collate_pairs, collate_sequences
 from dpo_exp.loop import lr_multiplier
+from dpo_exp.losses import VARIANTS
 from dpo_exp.models import sequence_logps
 from dpo_exp.reference import Reference
 
@@ -113,3 +118,74 @@ def test_dropout_is_off_in_models_we_build():
                        "embd_pdrop": 0.3, "attn_pdrop": 0.3}, Tok(), torch.float32, "eager")
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.p == 0.0 for m in dropouts)
+
+
+# ---- responses that are only EOS ------------------------------------------------------------------
+
+def test_an_empty_response_is_its_eos_and_a_pair_without_room_is_dropped_and_counted(tmp_path):
+    from dpo_exp.data import tokenize_dataset, tokenize_pair
+    from dpo_exp.models import load_tokenizer, train_tokenizer
+
+    train_tokenizer(["a good film", "a bad film", "the end"], 300, tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    eos = tok.eos_token_id
+    pair = tokenize_pair(tok, PreferencePair("a good", "", " film"), 0, max_length=32, max_prompt_length=16)
+    assert pair.chosen_ids == [eos]  # the sample stopped at once: one token, its EOS
+    assert pair.rejected_ids[-1] == eos and len(pair.rejected_ids) > 1
+    sft = tokenize_pair(tok, PreferencePair("", "the end"), 0, max_length=32, max_prompt_length=16)
+    assert sft.rejected_ids == []  # an SFT example has no rejected response at all
+    prompt_len = len(tokenize_pair(tok, PreferencePair("a good film the end", "x", "y"), 0, 64, 64).prompt_ids)
+    pairs = [PreferencePair("a good film the end", "", " film"), PreferencePair("a", "", " bad")]
+    kept, dropped = tokenize_dataset(tok, pairs, max_length=prompt_len, max_prompt_length=prompt_len)
+    assert dropped == {"no_response_tokens": 1}
+    assert [p.index for p in kept] == [0] and kept[0].chosen_ids == [eos]
+
+
+def _short_pairs():
+    # EOS-only chosen, EOS-only rejected, both EOS-only, and one- and two-token responses
+    return [TokenizedPair(0, [1, 5], [2], [7, 8, 2]), TokenizedPair(1, [1, 6, 9], [10, 2], [2]),
+            TokenizedPair(2, [1, 4], [2], [2]), TokenizedPair(3, [1, 3, 3], [11, 2], [12, 13, 2])]
+
+
+@pytest.mark.parametrize("loss_name", sorted(set(VARIANTS) | {"sft"}))
+def test_every_pair_loss_is_finite_with_a_finite_gradient_on_eos_only_and_very_short_responses(tiny_lm, loss_name):
+    import copy
+
+    policy, ref = copy.deepcopy(tiny_lm[0]), tiny_lm[1]
+    cfg = make_cfg({"loss": {"name": loss_name, "beta": 2.0 if loss_name == "simpo" else 0.1, "gamma": 1.0},
+                    "trainer": {"batch_size": 4}, "optimizer": {"lr": 1e-3, "warmup_steps": 0}})
+    res = Resources(cfg, None, torch.device("cpu"), policy=policy, reference=Reference(lambda: ref, resident=True),
+                    train_pairs=_short_pairs())
+    loop = build_loop(cfg, res)
+    grads = []
+    for p in policy.parameters():
+        p.register_post_accumulate_grad_hook(lambda param: grads.append(param.grad.clone()))
+    metrics = loop.optimizer_step(PairBatch(_short_pairs(), 0, with_rejected=loss_name != "sft"))
+    loss = metrics["loss"][0] / metrics["loss"][1]
+    assert torch.isfinite(torch.as_tensor(loss)), f"{loss_name}: loss {loss}"
+    assert grads and all(torch.isfinite(g).all() for g in grads), f"{loss_name}: non-finite gradient"
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("loss_name", ["simpo", "rpo"])
+def test_length_normalised_losses_train_on_sampled_pairs_that_hold_empty_completions(smoke_cfg, monkeypatch,
+                                                                                    loss_name):
+    """The default task's sampled pairs include completions that stopped at once (decoded text ""):
+    simpo and rpo divide by response length, which was 0/0 before an empty response kept its EOS."""
+    from conftest import read_jsonl
+    from dpo_exp import train as train_module
+
+    real = train_module.preference_data
+
+    def with_empty_completions(cfg, task, sft_dir, tokenizer):
+        train, evaluation, skipped = real(cfg, task, sft_dir, tokenizer)
+        emptied = [PreferencePair(p.prompt, "", p.rejected) if i % 3 == 0 else
+                   PreferencePair(p.prompt, p.chosen, "") if i % 3 == 1 else p for i, p in enumerate(train)]
+        return emptied, [PreferencePair(p.prompt, "", p.rejected) for p in evaluation], skipped
+
+    monkeypatch.setattr(train_module, "preference_data", with_empty_completions)
+    cfg = smoke_cfg(f"loss={loss_name}", "loss.gamma=1.0")
+    summary = train_module.run(cfg)
+    losses = [r["train/loss"] for r in read_jsonl(Path(cfg.paths.output_dir) / "metrics.jsonl") if "train/loss" in r]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert math.isfinite(summary["eval/loss"]) and math.isfinite(summary["eval/kl"])

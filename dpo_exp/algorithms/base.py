@@ -120,6 +120,11 @@ class Algorithm(ABC):
     family: str = ""          # written to summary.json as algorithm/family (frontiers and tables group by it)
     unit: str = "pairs"       # what throughput counts: train/<unit>_per_second
     sections: tuple[str, ...] = ("loss",)  # config sections it reads (validated when it is selected)
+    # The printed summary's own lines, (what it is, summary.json key), after the gold reward and KL of the
+    # policy's samples where the run has them.
+    headline: tuple[tuple[str, str], ...] = (
+        ("held-out preference accuracy (implicit reward)", "eval/rewards/accuracies"),
+        ("held-out reward margin (implicit reward)", "eval/rewards/margins"))
 
     def __init__(self, name: str, cfg: Any, res: Resources):
         self.name = name

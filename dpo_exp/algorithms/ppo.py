@@ -80,6 +80,7 @@ def make_scorer(res, reward: RewardSource, precision: str):
 @register("ppo")
 class PPO(Algorithm):
     unit = "episodes"
+    headline = ()  # the gold reward and KL of its samples say it all
     sections = ("loss", "ppo")
 
     @classmethod

@@ -28,6 +28,9 @@ class RewardModelAlgorithm(OfflineAlgorithm):
     """Trains `res.reward_model` (a ScalarHeadModel) on the task's pairs; one step = a batch of pairs."""
 
     family = "reward_model"
+    headline = (("held-out preference accuracy (reward model)", "eval/accuracy"),
+                ("held-out mean margin r(y_w) - r(y_l)", "eval/margin"),
+                ("held-out loss -log sigmoid(margin)", "eval/loss"))
     sections = ("reward_model",)
     cached = True  # its product is a cache entry that other runs reuse (dpo_exp.stages.reward_model_dir)
 

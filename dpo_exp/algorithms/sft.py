@@ -16,6 +16,8 @@ class SFTAlgorithm(OfflineAlgorithm):
 
     family = "sft"
     unit = "sequences"
+    headline = (("held-out NLL per chosen token", "eval/loss"),
+                ("held-out preference accuracy (implicit reward)", "eval/rewards/accuracies"))
 
     @classmethod
     def needs(cls, cfg: Any) -> Needs:

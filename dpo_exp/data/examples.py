@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ import torch
 class PreferencePair:
     prompt: str
     chosen: str
-    rejected: str = ""  # empty for SFT-only examples
+    rejected: Optional[str] = None  # None for SFT-only examples; "" is a real empty response (EOS only)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -61,12 +61,13 @@ def tokenize_pair(tokenizer, pair: PreferencePair, index: int, max_length: int, 
     prompt = prompt_token_ids(tokenizer, pair.prompt)
     if len(prompt) > max_prompt_length:
         prompt = prompt[-max_prompt_length:] if keep_prompt_end else prompt[:max_prompt_length]
-    room = max_length - len(prompt)
+    room = max(max_length - len(prompt), 0)
 
-    def response(text: str) -> list[int]:
-        if not text:
+    def response(text: Optional[str]) -> list[int]:
+        if text is None:  # an SFT-only example has no rejected response
             return []
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        # An empty text is a response too: a sample that stopped at once is its EOS alone.
+        ids = (tokenizer(text, add_special_tokens=False)["input_ids"] if text else []) + [tokenizer.eos_token_id]
         return ids[:room]
 
     return TokenizedPair(index, prompt, response(pair.chosen), response(pair.rejected))
@@ -76,6 +77,20 @@ def tokenize_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int, 
                    keep_prompt_end: bool = True) -> list[TokenizedPair]:
     return [tokenize_pair(tokenizer, p, i, max_length, max_prompt_length, keep_prompt_end)
             for i, p in enumerate(pairs)]
+
+
+def tokenize_dataset(tokenizer, pairs: Sequence[PreferencePair], max_length: int, max_prompt_length: int,
+                     keep_prompt_end: bool = True) -> tuple[list[TokenizedPair], dict[str, int]]:
+    """tokenize_pairs for training and evaluation: a pair that would keep no token of a response (the prompt
+    fills max_length) is dropped and counted ("no_response_tokens"), never trained on with a 0/0 length
+    normalisation; kept pairs are indexed 0..n-1 in order (the key of precomputed reference log-probs)."""
+    kept: list[TokenizedPair] = []
+    for pair in pairs:
+        tok = tokenize_pair(tokenizer, pair, len(kept), max_length, max_prompt_length, keep_prompt_end)
+        if tok.chosen_ids and (pair.rejected is None or tok.rejected_ids):
+            kept.append(tok)
+    dropped = len(pairs) - len(kept)
+    return kept, ({"no_response_tokens": dropped} if dropped else {})
 
 
 def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict:

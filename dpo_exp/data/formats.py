@@ -9,7 +9,7 @@ tokenizer=None, min_score_ratio=None, kind="pairs") -> LoadResult``
     ``name`` is one of ``hh``, ``shp``, ``tldr``, ``imdb``, ``ultrafeedback``, ``pairs``. A local
     ``path`` takes precedence over ``hub_name`` (``HUB_NAMES`` lists the usual hub copies; nothing
     is downloaded unless a hub name is given). ``kind="pairs"`` gives preference pairs,
-    ``kind="sft"`` gives SFT examples ``PreferencePair(prompt, chosen=target, rejected="")``.
+    ``kind="sft"`` gives SFT examples ``PreferencePair(prompt, chosen=target)`` (``rejected`` None).
 ``read_rows(path)`` and ``hub_rows(...)`` live in `dpo_exp.data.files`:
 ``read_rows(path) -> Iterator[(number, row)]``
     Rows of a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, each optionally ``.gz``.
