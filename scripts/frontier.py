@@ -23,31 +23,39 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dpo_exp.results import read_runs, read_wandb_group  # noqa: E402
 
-# family (summary.json algorithm/family) -> colour, marker, legend; other families get the fallback
-STYLE = {"dpo-family": ("tab:red", "o", "DPO"), "online-dpo": ("tab:purple", "v", "Online DPO"),
-         "ppo": ("tab:blue", "s", "PPO (reward model)"), "ppo-gt": ("tab:green", "^", "PPO-GT (gold reward)"),
-         "sft": ("tab:gray", "D", "Preferred-FT")}
+# family (summary.json algorithm/family) -> colour map, marker; other families get the fallback
+STYLE = {"dpo-family": ("Reds", "o"), "online-dpo": ("Purples", "v"), "ppo": ("Blues", "s"),
+         "ppo-gt": ("Greens", "^"), "sft": ("Greys", "D")}
+FALLBACK = ("Oranges", "x")
 
 
 def draw(runs, out: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    families_seen = set()
+    """One line per run through its evaluation points in training order, its last point enlarged; runs are
+    named in a legend beside the axes (one shade per run within its family's colour), so no label sits on
+    the data and none overlaps another however close the points are."""
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    by_family: dict[str, list] = {}
     for run in sorted(runs, key=lambda r: (r.family, r.label)):
-        color, marker, label = STYLE.get(run.family, ("tab:orange", "x", run.family))
-        xs = [p["eval/kl"] for p in run.points]
-        ys = [p["eval/gold_reward"] for p in run.points]
-        ax.scatter(xs, ys, color=color, marker=marker, s=22, alpha=0.75,
-                   label=None if run.family in families_seen else label)
-        families_seen.add(run.family)
-        ax.annotate(run.label, (xs[-1], ys[-1]), fontsize=7, color=color, xytext=(3, 3), textcoords="offset points")
+        by_family.setdefault(run.family, []).append(run)
+    for family, members in by_family.items():
+        cmap_name, marker = STYLE.get(family, FALLBACK)
+        cmap = matplotlib.colormaps[cmap_name]
+        for i, run in enumerate(members):
+            color = cmap(0.5 + 0.45 * (i / max(1, len(members) - 1)) if len(members) > 1 else 0.8)
+            xs = [p["eval/kl"] for p in run.points]
+            ys = [p["eval/gold_reward"] for p in run.points]
+            ax.plot(xs, ys, color=color, marker=marker, markersize=4, linewidth=0.8, alpha=0.8, label=run.label)
+            ax.scatter(xs[-1:], ys[-1:], color=color, marker=marker, s=60, edgecolors="black", linewidths=0.6,
+                       zorder=4)
     refs = [p["eval/gold_reward_ref"] for r in runs for p in r.points if "eval/gold_reward_ref" in p]
     if refs:
-        ax.scatter([0], [refs[0]], color="black", marker="*", s=120, zorder=5, label="π_SFT (= π_ref)")
+        ax.scatter([0], [refs[0]], color="black", marker="*", s=140, zorder=5, label="π_SFT (= π_ref)")
     ax.set_xlabel("KL(π ‖ π_ref), nats per sequence (from policy samples)")
     ax.set_ylabel("gold reward (mean over held-out prompts)")
-    ax.set_title(title)
+    ax.set_title(f"{title}\n(lines: evaluation points in training order; large marker: the run's last point)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(out, dpi=150)
     print(f"wrote {out} ({sum(len(r.points) for r in runs)} points from {len(runs)} runs)")

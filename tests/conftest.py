@@ -162,3 +162,28 @@ def run_cli(*args: str) -> None:
             raise AssertionError(f"python -m dpo_exp.train {' '.join(args)} exited with {exit_.code}") from exit_
     finally:
         sys.argv = argv
+
+
+HUB_KEYS = ("hub_name", "name_or_path", "tokenizer")
+
+
+def hub_values(node, prefix=""):
+    """(key, value) of every hub_name / name_or_path / tokenizer string in a plain (nested dict) config."""
+    for key, value in (node.items() if isinstance(node, dict) else ()):
+        if isinstance(value, dict):
+            yield from hub_values(value, f"{prefix}{key}.")
+        elif key in HUB_KEYS and isinstance(value, str):
+            yield f"{prefix}{key}", value
+
+
+def assert_valid_hub_ids(values, where: str) -> None:
+    """Every value that is not a local path must be a hub id datasets and transformers accept."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    for key, value in values:
+        if value.startswith(("/", ".", "~", "${", "outputs/")):
+            continue  # a local folder (outputs/: one a command makes, e.g. scripts/fetch_smollm2.py) or an interpolation
+        try:
+            validate_repo_id(value)  # what datasets.load_dataset and from_pretrained call on a hub id
+        except HFValidationError as err:
+            raise AssertionError(f"{where}: {key}={value!r} is not a valid hub id: {err}") from None

@@ -1,7 +1,6 @@
 """Composition: every option of every group composes, typos fail at composition, and
 relations between keys fail before any model loads with a message that says what to do."""
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +10,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from conftest import assert_valid_hub_ids, hub_values
 from dpo_exp.config import ConfigError, register_configs, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-README = Path(__file__).resolve().parents[1] / "README.md"
 register_configs()
 
 
@@ -118,36 +117,7 @@ def test_cli_typo_exits_with_the_key_named():
     assert "betta" in proc.stderr
 
 
-def documented_commands():
-    """Every `python -m dpo_exp.train ...` line of the README, sweeps expanded per value."""
-    for line in README.read_text().splitlines():
-        line = line.strip()
-        if not line.startswith("python -m dpo_exp.train"):
-            continue
-        words = [w for w in shlex.split(line.split("#")[0])[3:] if w not in ("-m", "--multirun")]
-        sweeps = [w for w in words if re.match(r"^[\w./+~]+=[^\[\]]*,", w)]
-        fixed = [w for w in words if w not in sweeps]
-        if not sweeps:
-            yield line, fixed
-        for sweep in sweeps:
-            key, values = sweep.split("=", 1)
-            for value in values.split(","):
-                yield line, [*fixed, f"{key}={value}"]
-
-
-def test_readme_documents_commands():
-    assert len(list(documented_commands())) >= 5
-
-
-@pytest.mark.parametrize("line, overrides", list(documented_commands()))
-def test_every_documented_command_composes(line, overrides):
-    validate(compose_cfg(overrides))
-
-
 # ---- yaml values as written: no glued comments, valid hub ids --------------------------------------
-
-HUB_KEYS = ("hub_name", "name_or_path", "tokenizer")
-
 
 def test_no_yaml_value_swallows_its_comment():
     """`key: value# comment` makes the comment part of the value (YAML needs whitespace before #)."""
@@ -159,37 +129,17 @@ def test_no_yaml_value_swallows_its_comment():
     assert not glued, "values with a comment glued on (put a space before #):\n" + "\n".join(glued)
 
 
-def _hub_values(node, prefix=""):
-    for key, value in (node.items() if isinstance(node, dict) else ()):
-        if isinstance(value, dict):
-            yield from _hub_values(value, f"{prefix}{key}.")
-        elif key in HUB_KEYS and isinstance(value, str):
-            yield f"{prefix}{key}", value
-
-
-def assert_valid_hub_ids(values, where: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    for key, value in values:
-        if value.startswith(("/", ".", "~", "${")):
-            continue  # a local folder or an interpolation
-        try:
-            validate_repo_id(value)  # what datasets.load_dataset and from_pretrained call on a hub id
-        except HFValidationError as err:
-            raise AssertionError(f"{where}: {key}={value!r} is not a valid hub id: {err}") from None
-
-
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")))
 def test_hub_ids_written_in_yaml_are_valid(path):
     import yaml
 
-    assert_valid_hub_ids(_hub_values(yaml.safe_load((CONF / path).read_text()) or {}), path)
+    assert_valid_hub_ids(hub_values(yaml.safe_load((CONF / path).read_text()) or {}), path)
 
 
 @pytest.mark.parametrize("override", [o for o in group_options() if o.split("=")[0] in ("experiment", "model", "data")])
 def test_hub_ids_of_every_composed_preset_and_option_are_valid(override):
     cfg = OmegaConf.to_container(compose_cfg([override]), enum_to_str=True)
-    assert_valid_hub_ids(_hub_values(cfg), override)
+    assert_valid_hub_ids(hub_values(cfg), override)
 
 
 def test_the_glued_comment_check_sees_a_glued_comment(tmp_path):

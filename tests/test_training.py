@@ -25,8 +25,21 @@ def test_left_padded_layout_puts_responses_in_the_last_columns():
     assert batch["response_mask"].tolist() == [[False, True, True], [True, True, True]]
 
 
-def test_sequence_logps_equal_an_unpadded_forward(tiny_lm):
-    model, _ = tiny_lm
+@pytest.fixture
+def tiny_gpt2():
+    """GPT-2 has learned absolute position embeddings: a wrong position offset under left padding changes its
+    log-probs by a lot (rotary Llama is blind to a constant offset)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=64, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).double().eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sequence_logps_equal_an_unpadded_forward(tiny_lm, tiny_gpt2, arch):
+    model = tiny_lm[0] if arch == "llama" else tiny_gpt2
     prompts, responses = [[1, 5], [1, 5, 6, 7]], [[7, 9, 2], [8, 2]]
     batched = sequence_logps(model, collate_sequences(prompts, responses, pad_id=0))
     for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -35,6 +48,35 @@ def test_sequence_logps_equal_an_unpadded_forward(tiny_lm):
         expected = F.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None]).sum()
         torch.testing.assert_close(batched.logps[i], expected, rtol=1e-6, atol=1e-6)
         assert batched.lengths[i].item() == len(r)
+
+
+def test_left_padded_positions_matter_for_gpt2(tiny_gpt2):
+    """The check above can fail: positions 0..L-1 counted from the padding change GPT-2's log-probs."""
+    batch = collate_sequences([[1, 5], [1, 5, 6, 7]], [[7, 9, 2], [8, 2]], pad_id=0)
+    naive = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
+    assert (sequence_logps(tiny_gpt2, batch).logps - sequence_logps(tiny_gpt2, naive).logps).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padded_sampling_equals_sampling_each_prompt_alone(tiny_lm, tiny_gpt2, arch):
+    """Greedy generation from a left-padded batch gives each prompt's own continuation, and the log-probs
+    of the samples equal an unpadded forward (the KL estimate rests on both)."""
+    from types import SimpleNamespace
+
+    from dpo_exp.models import logps_of_samples, sample
+
+    model = tiny_lm[0] if arch == "llama" else tiny_gpt2
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=2, batch_decode=lambda ids, **kw: [str(i) for i in ids])
+    prompts = [[1, 5], [1, 5, 6, 7, 9], [1]]
+    together = sample(model, tok, prompts, max_new_tokens=6, temperature=0)
+    for i, prompt in enumerate(prompts):
+        alone = sample(model, tok, [prompt], max_new_tokens=6, temperature=0)
+        assert together.response_ids[i] == alone.response_ids[0]
+    logps = logps_of_samples(model, together, pad_id=0, batch_size=8)
+    for i, (p, r) in enumerate(zip(prompts, together.response_ids)):
+        logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1]
+        expected = F.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None]).sum()
+        torch.testing.assert_close(logps[i], expected.to(logps.dtype), rtol=1e-5, atol=1e-5)
 
 
 def test_sequence_logps_of_an_empty_response_is_zero_and_leaves_other_rows_alone(tiny_lm):

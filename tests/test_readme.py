@@ -1,0 +1,306 @@
+"""The README is a contract: every shell command in its ```bash blocks runs as written.
+
+Commands are read from README.md itself, so a newly documented command is covered without editing
+this file. Each kind of command is handled one way, and a command of no known kind fails the test:
+
+- `pip install ...`: not run (CI installs); every extra it names must exist in pyproject.toml.
+- `python -m pytest ...`: this suite.
+- `python -m dpo_exp.train ...`: composed and validated as written (every sweep value), its hub ids
+  checked. If it can run here (no hub dataset or hub model, no GPU, no pretrained model) it is also run,
+  in order, at smoke budget (`debug=smoke`, whose keys win over the command's), with cwd a scratch
+  checkout whose ../shared is the real one; it must exit 0 and write summary.json, metrics.jsonl and
+  .hydra/ for each of its jobs.
+- `python scripts/X.py` / `python benchmarks/X.py`: run in order on what the commands before it wrote
+  (a folder under outputs/ it reads must exist by then: the command before must have made it); a file
+  it is told to write (-o / --out / --json) must appear. Scripts that download (fetch_smollm2.py) are
+  checked with --help instead; the benchmark gets a smoke budget (SCRIPT_BUDGET).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import runpy
+import shlex
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import ROOT, SHARED_DATA, assert_valid_hub_ids, hub_values, run_cli
+from dpo_exp.config import register_configs, validate
+
+README = ROOT / "README.md"
+register_configs()
+
+# Scripts that fetch from the network: their flags are checked against --help instead of running them.
+DOWNLOADS = {"scripts/fetch_smollm2.py"}
+# Extra arguments that give a script a smoke budget (appended, so they win over the README's).
+SCRIPT_BUDGET = {"benchmarks/bench_dpo.py": ["--steps", "3", "--warmup-steps-excluded", "1", "--pairs", "16",
+                                            "--repeats", "1"]}
+OUTPUT_FLAGS = ("-o", "--out", "--json")
+
+
+@dataclass(frozen=True)
+class Command:
+    line: int        # README line number
+    argv: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"README.md:{self.line}: {shlex.join(self.argv)}"
+
+    @property
+    def kind(self) -> str:
+        a = self.argv
+        if a[:2] == ("pip", "install"):
+            return "install"
+        if a[:3] == ("python", "-m", "pytest"):
+            return "tests"
+        if a[:3] == ("python", "-m", "dpo_exp.train"):
+            return "train"
+        if len(a) >= 2 and a[0] == "python" and a[1].endswith(".py"):
+            return "script"
+        return "unknown"
+
+
+def readme_commands() -> list[Command]:
+    """Every command of every ```bash block (`a && b` is two commands), comments dropped."""
+    commands, lang = [], None
+    for number, line in enumerate(README.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            lang = line[3:].strip() if lang is None else None
+            continue
+        if lang == "bash" and line.strip():
+            for part in line.split("&&"):
+                argv = shlex.split(part, comments=True)
+                if argv:
+                    commands.append(Command(number, tuple(argv)))
+    return commands
+
+
+COMMANDS = readme_commands()
+TRAIN = [c for c in COMMANDS if c.kind == "train"]
+
+
+def train_overrides(command: Command) -> tuple[list[str], bool]:
+    words = list(command.argv[3:])
+    multirun = any(w in ("-m", "--multirun") for w in words)
+    return [w for w in words if w not in ("-m", "--multirun")], multirun
+
+
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """One override list per job of a `-m key=a,b` sweep (the cross product, as Hydra's basic sweeper)."""
+    choices = []
+    for word in overrides:
+        key, _, value = word.partition("=")
+        if "," in value and not value.startswith(("[", "{")):
+            choices.append([f"{key}={v}" for v in value.split(",")])
+        else:
+            choices.append([word])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "paths.output_dir=/tmp/dpo_exp_readme_compose"])
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def _is_hub_id(value) -> bool:
+    return isinstance(value, str) and not value.startswith(("/", ".", "~", "outputs/"))
+
+
+def why_not_here(cfg) -> str | None:
+    """Why a composed command cannot run on this offline CPU machine, or None."""
+    if str(cfg.trainer.device).startswith("cuda"):
+        return "needs a GPU"
+    if cfg.model.name_or_path is not None:
+        where = "the hub" if _is_hub_id(cfg.model.name_or_path) else "a model folder another command fetches"
+        return f"trains a pretrained model from {where} ({cfg.model.name_or_path})"
+    d, task = cfg.data, cfg.task.name
+    reads_data = task == "preference" or d.name == "imdb"
+    if reads_data and d.path is None and d.hub_name:
+        return f"reads the hub dataset {d.hub_name}"
+    return None
+
+
+def smoke_keys() -> set[str]:
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    return set(flat(yaml.safe_load((ROOT / "conf" / "debug" / "smoke.yaml").read_text())))
+
+
+def at_smoke_budget(overrides: list[str]) -> list[str]:
+    """The command's overrides with debug=smoke, smoke's keys winning (so 160 steps become smoke's 4)."""
+    keys = smoke_keys()
+    kept = [w for w in overrides if w.partition("=")[0].lstrip("+~") not in keys]
+    return kept if "debug=smoke" in kept else [*kept, "debug=smoke"]
+
+
+# ---- every command is of a known kind, and every train command composes ---------------------------
+
+def test_the_readme_documents_commands_of_known_kinds():
+    assert len(TRAIN) >= 20
+    unknown = [str(c) for c in COMMANDS if c.kind == "unknown"]
+    assert not unknown, "README commands this test does not know how to check:\n" + "\n".join(unknown)
+
+
+def test_every_extra_the_readme_installs_exists():
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    for command in (c for c in COMMANDS if c.kind == "install"):
+        for word in command.argv[2:]:
+            if match := re.fullmatch(r"\.\[([\w,-]+)\]", word):
+                assert set(match.group(1).split(",")) <= extras, command
+    quickstart = next(c for c in COMMANDS if c.kind == "install")
+    assert quickstart.argv[2].startswith("torch=="), "install torch first: an unpinned torch pulls the CUDA build"
+
+
+@pytest.mark.parametrize("command", TRAIN, ids=[f"line{c.line}" for c in TRAIN])
+def test_every_documented_train_command_composes_validates_and_names_valid_hub_ids(command):
+    overrides, _ = train_overrides(command)
+    for job in expand_sweeps(overrides):
+        cfg = compose_cfg(job)
+        validate(cfg)
+        assert_valid_hub_ids(hub_values(OmegaConf.to_container(cfg, enum_to_str=True)), str(command))
+
+
+# ---- and the ones that can run here, run ------------------------------------------------------------
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    """A scratch working directory laid out like a clone: scripts/, benchmarks/, docs/, outputs/ and ../shared."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("scripts", "benchmarks"):
+        (repo / name).symlink_to(ROOT / name)
+    (repo / "docs").mkdir()  # written into here, never into the real docs/
+    if SHARED_DATA.exists():
+        (tmp_path / "shared").symlink_to(SHARED_DATA.parent)
+    monkeypatch.chdir(repo)
+    return repo
+
+
+def run_dirs(repo: Path) -> set[Path]:
+    return {p.parent.parent for p in (repo / "outputs").rglob(".hydra/config.yaml")}
+
+
+def run_script(argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    old = sys.argv
+    sys.argv = argv
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise AssertionError(f"python {shlex.join(argv)} exited with {exit_.code}\n{out.getvalue()[-2000:]}")
+    finally:
+        sys.argv = old
+    return out.getvalue()
+
+
+def written_before(command: Command) -> set[str]:
+    """Paths that README commands before this one are told to write (-o / --out / --json)."""
+    paths = set()
+    for earlier in COMMANDS[:COMMANDS.index(command)]:
+        a = earlier.argv
+        paths |= {a[i + 1] for i, w in enumerate(a[:-1]) if w in OUTPUT_FLAGS}
+    return paths
+
+
+def check_train(command: Command, repo: Path) -> str:
+    overrides, multirun = train_overrides(command)
+    cfg = compose_cfg(expand_sweeps(overrides)[0])
+    reason = why_not_here(cfg)
+    if reason:
+        model = cfg.model.name_or_path
+        if model is not None and not _is_hub_id(model):
+            assert model in written_before(command), f"{command}: reads {model}, which no command before it makes"
+        return f"composed only: {reason}"
+    before = run_dirs(repo)
+    run_cli(*(["-m"] if multirun else []), *at_smoke_budget(overrides))
+    new = run_dirs(repo) - before
+    jobs = len(expand_sweeps(overrides)) if multirun else 1
+    assert len(new) >= jobs, f"{command}: {len(new)} run directories, expected {jobs}"
+    for run in new:
+        for name in ("summary.json", "metrics.jsonl"):
+            assert (run / name).is_file(), f"{command}: no {name} in {run}"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["steps"] > 0, f"{command}: {run} trained no step"
+    return f"ran at smoke budget: {len(new)} run(s)"
+
+
+def check_script(command: Command, repo: Path) -> str:
+    argv = list(command.argv[1:])
+    script = argv[0]
+    assert (ROOT / script).is_file(), f"{command}: no such script"
+    outputs = {argv[i + 1] for i, w in enumerate(argv[:-1]) if w in OUTPUT_FLAGS}
+    if script in DOWNLOADS:
+        help_text = run_script([script, "--help"])
+        for flag in (w for w in argv[1:] if w.startswith("-")):
+            assert flag in help_text, f"{command}: {flag} is not an option of {script}"
+        return "download: flags checked against --help"
+    for word in argv[1:]:  # what it reads was made by a command before it
+        if word.startswith("outputs/") and word not in outputs:
+            assert (repo / word).exists(), f"{command}: reads {word}, which no command before it made"
+    if script in SCRIPT_BUDGET:
+        if "trl" not in sys.modules and not _importable("trl"):
+            argv += ["--impl", "dpo_exp"]  # TRL is the bench extra; without it, dpo_exp's side alone
+        argv += SCRIPT_BUDGET[script]
+    printed = run_script(argv)
+    for out in outputs:
+        assert (repo / out).is_file() and (repo / out).stat().st_size > 0, f"{command}: did not write {out}"
+        if out.endswith(".png"):
+            assert (repo / out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if "--markdown" in argv:
+        assert re.search(r"^\| .+ \|$", printed, re.M), f"{command}: printed no Markdown table"
+    return "ran"
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} (real dataset samples) is absent")
+def test_every_documented_command_runs_in_order_from_a_fresh_checkout(checkout, capsys):
+    results = []
+    for command in COMMANDS:
+        if command.kind == "train":
+            results.append((command, check_train(command, checkout)))
+        elif command.kind == "script":
+            results.append((command, check_script(command, checkout)))
+    ran = [c for c, how in results if how.startswith("ran")]
+    with capsys.disabled():  # what was run and what was only composed, for whoever reads the log
+        print("\n" + "\n".join(f"{how:>40}  {c}" for c, how in results))
+    assert len(ran) >= 20
+
+
+def test_the_on_invalid_error_example_is_what_the_code_prints():
+    from dpo_exp.data import formats
+
+    quoted = re.search(r"naming file, line and field \(`([^`]+)`\)", README.read_text())
+    assert quoted, "the README's data.on_invalid=error example"
+    file_name = quoted.group(1).split(":")[0]
+    path = SHARED_DATA / "ultrafeedback" / file_name
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    with pytest.raises(formats.DataFileError) as info:
+        formats.load("ultrafeedback", path=str(path), on_invalid="error")
+    assert str(info.value).endswith(quoted.group(1))
