@@ -111,6 +111,11 @@ class GenerationConfig:
     batch_size: int = 128
 
 
+class TruncatedSamples(Choice):
+    drop = "drop"
+    keep = "keep"
+
+
 @dataclass
 class TaskConfig:
     name: str = MISSING
@@ -121,6 +126,7 @@ class TaskConfig:
     samples_per_prompt: int = 4
     min_reward_gap: float = 0.0
     gold_reward: Optional[str] = "vader"
+    truncated_samples: TruncatedSamples = TruncatedSamples.drop
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
@@ -377,6 +383,20 @@ def validate(cfg: Any) -> None:
                      ("reward_model.optimizer", cfg.reward_model.optimizer)]:
         if opt.warmup_steps < 0 or opt.lr <= 0:
             raise ConfigError(f"{key}.lr must be > 0 and {key}.warmup_steps >= 0")
+    g = cfg.task.generation
+    if cfg.task.name == "sentiment":  # sampled pairs keep their exact tokens: a prompt and a whole sample must fit
+        prompt_room = cfg.task.prompt_max_tokens + 1  # the prefix and a BOS
+        if cfg.data.max_prompt_length < prompt_room or cfg.data.max_length < prompt_room + g.max_new_tokens:
+            raise ConfigError(
+                f"data.max_length={cfg.data.max_length} (data.max_prompt_length={cfg.data.max_prompt_length}) must "
+                f"hold a prompt of task.prompt_max_tokens={cfg.task.prompt_max_tokens} tokens plus BOS and a sample of "
+                f"task.generation.max_new_tokens={g.max_new_tokens}: set data.max_length>={prompt_room + g.max_new_tokens}")
+    if cfg.eval.kl and (g.temperature != 1.0 or g.top_k != 0 or g.top_p != 1.0):
+        raise ConfigError(
+            f"eval.kl=true estimates KL(π‖π_ref) from samples of π itself, but task.generation samples at "
+            f"temperature={g.temperature}, top_k={g.top_k}, top_p={g.top_p}: set task.generation.temperature=1.0 "
+            "task.generation.top_k=0 task.generation.top_p=1.0, or eval.kl=false (eval.temperatures adds sample "
+            "tables at other temperatures without touching the KL)")
     if "ppo" in algorithm.sections:
         _validate_ppo(cfg)
     if "online_dpo" in algorithm.sections:

@@ -1,9 +1,21 @@
 """Evaluation shared by every algorithm, so numbers compare across SFT, DPO variants and PPO.
 
-- Preference metrics on held-out pairs: eval/loss, eval/rewards/*, eval/logps/*.
-- Generation on held-out prompts: eval/gold_reward (policy) and eval/gold_reward_ref
-  (π_ref on the same prompts), and the sequence-level KL(π‖π_ref) estimated from policy
-  samples as mean_i Σ_t [log π(y_t|·) − log π_ref(y_t|·)], y ~ π (eval/kl, eval/kl_stderr).
+- Held-out pairs, for every algorithm with a policy: eval/logps/{chosen,rejected} and, with π_ref,
+  eval/log_ratio_accuracy (how often log π/π_ref of the chosen response exceeds the rejected one's; no β).
+  Where the algorithm has a pair loss (the DPO family, online DPO, SFT) also eval/loss, its own objective,
+  and its own metrics (eval/rewards/* at the algorithm's β for the DPO family). An algorithm without
+  such a quantity (PPO) logs no eval/loss and no eval/rewards/*: no stand-in under the same name.
+- Generation on held-out prompts: eval/gold_reward (policy) and eval/gold_reward_ref (π_ref on the same
+  prompts); eval/truncated_fraction and eval/truncated_fraction_ref, the fraction of samples that hit
+  the length cap without emitting EOS; and the KL estimate below.
+
+KL. eval/kl is mean_i Σ_t [log π(y_t|·) − log π_ref(y_t|·)] over y_i ~ π sampled at temperature 1 with
+no top-k / top-p (validate refuses eval.kl with other settings), each response cut at
+task.generation.max_new_tokens. It is an unbiased estimate of KL(π_c‖π_ref,c), the KL between the two
+models' response distributions *with that cap*: a response that reaches the cap counts its first
+max_new_tokens tokens and no EOS. That equals the whole-response KL only when no sample is cut
+(eval/truncated_fraction = 0); the more are cut, the more the estimate under-counts. eval/kl_stderr is
+its standard error over the samples.
 - A table of prompts with policy and reference samples.
 Sampling uses a fixed seed inside a forked RNG, so every evaluation draws the same noise
 (lower-variance curves) and evaluation never changes the training run's randomness.
@@ -16,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from dpo_exp.algorithms.preference import reward_metrics
+from dpo_exp.algorithms.base import mean_metric
 from dpo_exp.models import PairLogps
 from dpo_exp.data import TokenizedPair, collate_pairs
 from dpo_exp.models import Samples, autocast, logps_of_samples, sample, sequence_logps
@@ -38,16 +50,14 @@ class EvalPrompts:
 class Evaluator:
     """Called by the loop as evaluate(policy, step) -> (metrics, tables).
 
-    Held-out pairs are scored with the algorithm's own pair loss where it has one (DPO family,
-    SFT, online DPO: eval/loss and its reward metrics); otherwise (PPO) with the implicit reward
-    β·log π/π_ref at `beta`, so every method reports eval/rewards/* on the same pairs.
+    Held-out pairs are scored with the algorithm's own pair loss where it has one (see the module
+    docstring); every algorithm gets the β-free log-probs and log-ratio accuracy.
     """
 
     def __init__(self, algorithm, reference: Optional[Reference], pairs: Sequence[TokenizedPair],
                  prompts: EvalPrompts, tokenizer, gold_reward: Optional[GoldReward], generation, eval_cfg,
-                 batch_size: int, precision: str, seed: int, beta: float = 0.1):
+                 batch_size: int, precision: str, seed: int):
         self.algorithm = algorithm
-        self.beta = beta
         self.reference = reference
         self.pairs = list(pairs)
         self.tokenizer = tokenizer
@@ -62,6 +72,7 @@ class Evaluator:
         self.prompt_ids = [ids for ids in prompts.ids for _ in range(n)]
         self._reference_samples: Optional[Samples] = None
         self._reference_gold: Optional[list[float]] = None
+        self.eos_id = tokenizer.eos_token_id
 
     def __call__(self, policy, step: int) -> tuple[dict, dict[str, list[list]]]:
         """Metrics and tables {name: rows} of one evaluation."""
@@ -89,15 +100,14 @@ class Evaluator:
             pol = PairLogps.split(seq, with_rejected=True)
             ref = self.reference.pair_logps(batch, True, table="eval").to(device) if use_ref else None
             out = self.algorithm.pair_loss(pol, ref)
+            pair_metrics = {"logps/chosen": mean_metric(pol.chosen), "logps/rejected": mean_metric(pol.rejected)}
+            if ref is not None:
+                chosen_ratio, rejected_ratio = pol.chosen - ref.chosen, pol.rejected - ref.rejected
+                pair_metrics["log_ratio_accuracy"] = mean_metric((chosen_ratio > rejected_ratio).float())
             if out is not None:
                 loss_sum += out.loss.sum().item()
                 normaliser += self.algorithm.normaliser(batch).item()
-                pair_metrics = out.metrics
-            elif ref is not None:
-                pair_metrics = reward_metrics(self.beta * (pol.chosen - ref.chosen),
-                                              self.beta * (pol.rejected - ref.rejected), pol)
-            else:
-                pair_metrics = {}
+                pair_metrics.update(out.metrics)
             for key, (total, count) in pair_metrics.items():
                 acc = values.setdefault(key, [0.0, 0.0])
                 acc[0] += float(total)
@@ -131,7 +141,8 @@ class Evaluator:
             return {}, []
         samples = self._sample(policy)
         lengths = torch.tensor([len(r) for r in samples.response_ids], dtype=torch.float)
-        metrics = {"eval/response_length": lengths.mean().item()}
+        metrics = {"eval/response_length": lengths.mean().item(),
+                   "eval/truncated_fraction": truncated_fraction(samples, self.eos_id)}
         gold = self.gold_reward(self.prompt_texts, samples.texts) if self.gold_reward else None
         if gold is not None:
             metrics["eval/gold_reward"] = sum(gold) / len(gold)
@@ -148,6 +159,8 @@ class Evaluator:
             metrics["eval/kl"] = log_ratio.mean().item()
             metrics["eval/kl_stderr"] = (log_ratio.std().item() / math.sqrt(len(log_ratio))
                                          if len(log_ratio) > 1 else float("nan"))
+        if self._reference_samples is not None:
+            metrics["eval/truncated_fraction_ref"] = truncated_fraction(self._reference_samples, self.eos_id)
         if self._reference_gold is not None:
             metrics["eval/gold_reward_ref"] = sum(self._reference_gold) / len(self._reference_gold)
         rows = []
@@ -156,3 +169,9 @@ class Evaluator:
             rows.append([step, self.prompt_texts[i], samples.texts[i], gold[i] if gold else None, ref_text,
                          self._reference_gold[i] if self._reference_gold else None])
         return metrics, rows
+
+
+def truncated_fraction(samples: Samples, eos_id: int) -> float:
+    """Fraction of sampled responses that stopped at the length cap instead of emitting EOS."""
+    cut = [not ids or ids[-1] != eos_id for ids in samples.response_ids]
+    return sum(cut) / len(cut) if cut else 0.0

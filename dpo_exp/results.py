@@ -15,6 +15,22 @@ from typing import Iterable, Optional
 # nothing here knows an algorithm by name. π_SFT is shared by every method and reported apart.
 
 
+# An evaluation point whose policy samples hit the length cap more often than this has an eval/kl
+# that under-counts the whole-response KL noticeably (it is the KL of the capped distributions):
+# frontier.py draws it hollow and compare.py flags it.
+TRUNCATION_FLAG = 0.05
+
+
+def truncated_fraction(point: dict) -> Optional[float]:
+    """Fraction of the point's policy samples cut at the length cap (None for runs from before it was logged)."""
+    return point.get("eval/truncated_fraction")
+
+
+def is_flagged(point: dict) -> bool:
+    fraction = truncated_fraction(point)
+    return fraction is not None and fraction > TRUNCATION_FLAG
+
+
 @dataclass
 class Run:
     label: str                 # e.g. "DPO β=0.1", "PPO target KL=6", "PPO-GT"
@@ -87,7 +103,8 @@ def read_wandb_group(path: str) -> list[Run]:
     runs = []
     for r in wandb.Api().runs(f"{entity}/{project}", filters={"group": group}):
         label, family = describe(dict(r.summary), r.url)
-        keys = ["step", "eval/kl", "eval/gold_reward", "eval/gold_reward_ref", "cost/train_flops", "cost/train_seconds"]
+        keys = ["step", "eval/kl", "eval/gold_reward", "eval/gold_reward_ref", "eval/truncated_fraction",
+                "cost/train_flops", "cost/train_seconds"]
         points = [row for row in r.scan_history(keys=keys) if row.get("eval/kl") is not None]
         runs.append(Run(label, family, sorted(points, key=lambda p: p["step"]), dict(r.summary), r.url))
     return runs

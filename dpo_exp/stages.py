@@ -19,7 +19,7 @@ from dpo_exp.loggers import FileSink, RunLogger, console
 from dpo_exp.loop import Loop, LoopSettings, count_flops, seed_everything
 from dpo_exp.models import ScalarHeadModel, load_model, load_tokenizer, new_model, resolve_device, torch_dtype
 
-CACHE_VERSION = 4  # bump when code changes what an entry holds
+CACHE_VERSION = 5  # bump when code changes what an entry holds (5: sampled pairs keep their token ids)
 COST_FILE = "cost.json"
 
 

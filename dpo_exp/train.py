@@ -152,7 +152,7 @@ def build_evaluator(cfg, prep: Prepared, algorithm, reference) -> Evaluator:
     ids = [prompt_token_ids(prep.tokenizer, p) for p in prompts]
     return Evaluator(algorithm, reference, prep.eval_tok, EvalPrompts(prompts, ids), prep.tokenizer,
                      prep.task.gold_reward, cfg.task.generation, cfg.eval, cfg.trainer.eval_batch_size,
-                     cfg.trainer.precision.value, cfg.seed, beta=cfg.loss.beta)
+                     cfg.trainer.precision.value, cfg.seed)
 
 
 def save_merged_lora(cfg, policy, tokenizer, output_dir: Path) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpo_exp.results import cheapest_to_reach, read_runs, read_wandb_group  # noqa: E402
+from dpo_exp.results import (TRUNCATION_FLAG, cheapest_to_reach, is_flagged, read_runs,  # noqa: E402
+                             read_wandb_group, truncated_fraction)
 
 
 def best_point(run) -> dict:
@@ -31,7 +32,8 @@ def rows(runs) -> list[dict]:
         best = best_point(run)
         out.append({
             "method": run.label, "family": run.family,
-            "best gold reward": best["eval/gold_reward"], "KL at best": best["eval/kl"], "step": best["step"],
+            "best gold reward": best["eval/gold_reward"], "KL at best": best["eval/kl"],
+            "cut at best": truncated_fraction(best), "flagged": is_flagged(best), "step": best["step"],
             "seconds to best": run.cost_at(best, "seconds"),
             "TFLOPs to best": run.cost_at(best) / 1e12,
             "TFLOPs whole run": run.cost_at(run.points[-1]) / 1e12,
@@ -49,11 +51,17 @@ def family_costs(table: list[dict]) -> dict:
 
 
 def render(table: list[dict], markdown: bool) -> str:
-    columns = list(table[0])
-    columns.remove("family")
+    columns = [c for c in table[0] if c not in ("family", "flagged")]
     fmt = {"best gold reward": "{:.3f}", "KL at best": "{:.2f}", "step": "{}", "seconds to best": "{:.0f}",
            "TFLOPs to best": "{:.3f}", "TFLOPs whole run": "{:.3f}", "method": "{}"}
-    cells = [[fmt[c].format(row[c]) for c in columns] for row in table]
+
+    def cell(row: dict, column: str) -> str:
+        if column == "cut at best":  # the fraction of policy samples cut at the length cap, flagged above the limit
+            value = row[column]
+            return "n/a" if value is None else f"{value:.0%}" + (" (!)" if row["flagged"] else "")
+        return fmt[column].format(row[column])
+
+    cells = [[cell(row, c) for c in columns] for row in table]
     if markdown:
         lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
         lines += ["| " + " | ".join(r) + " |" for r in cells]
@@ -75,6 +83,10 @@ def main() -> None:
     runs = read_wandb_group(args.wandb) if args.wandb else read_runs(args.runs)
     table = rows(runs)
     print(render(table, args.markdown))
+    flagged = [row["method"] for row in table if row["flagged"]]
+    print(f"\ncut at best: fraction of the best point's policy samples that hit the length cap without EOS; (!) above "
+          f"{TRUNCATION_FLAG:.0%}, where eval/kl under-counts the whole-response KL"
+          + (f" ({len(flagged)} flagged: {', '.join(flagged)})" if flagged else " (none flagged)"))
     best = family_costs(table)
     sft_flops = next((r.summary.get("cost/sft_flops") for r in runs if r.summary.get("cost/sft_flops")), None)
     if sft_flops:

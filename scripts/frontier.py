@@ -21,7 +21,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dpo_exp.results import read_runs, read_wandb_group  # noqa: E402
+from dpo_exp.results import TRUNCATION_FLAG, is_flagged, read_runs, read_wandb_group  # noqa: E402
 
 # family (summary.json algorithm/family) -> colour map, marker; other families get the fallback
 STYLE = {"dpo-family": ("Reds", "o"), "online-dpo": ("Purples", "v"), "ppo": ("Blues", "s"),
@@ -44,16 +44,23 @@ def draw(runs, out: Path, title: str) -> None:
             color = cmap(0.5 + 0.45 * (i / max(1, len(members) - 1)) if len(members) > 1 else 0.8)
             xs = [p["eval/kl"] for p in run.points]
             ys = [p["eval/gold_reward"] for p in run.points]
-            ax.plot(xs, ys, color=color, marker=marker, markersize=4, linewidth=0.8, alpha=0.8, label=run.label)
-            ax.scatter(xs[-1:], ys[-1:], color=color, marker=marker, s=60, edgecolors="black", linewidths=0.6,
-                       zorder=4)
+            ax.plot(xs, ys, color=color, linewidth=0.8, alpha=0.8)
+            solid = [not is_flagged(p) for p in run.points]
+            for keep, face in ((True, color), (False, "none")):  # hollow: too many samples cut at the cap
+                chosen = [(x, y) for x, y, s in zip(xs, ys, solid) if s == keep]
+                if chosen:
+                    ax.scatter(*zip(*chosen), facecolors=face, edgecolors=color, marker=marker, s=18, linewidths=1.0,
+                               label=run.label if keep == solid[0] else None)
+            ax.scatter(xs[-1:], ys[-1:], facecolors=color if solid[-1] else "none", edgecolors="black", marker=marker,
+                       s=60, linewidths=0.8, zorder=4)
     refs = [p["eval/gold_reward_ref"] for r in runs for p in r.points if "eval/gold_reward_ref" in p]
     if refs:
         ax.scatter([0], [refs[0]], color="black", marker="*", s=140, zorder=5, label="π_SFT (= π_ref)")
     ax.set_xlabel("KL(π ‖ π_ref), nats per sequence (from policy samples)")
     ax.set_ylabel("gold reward (mean over held-out prompts)")
-    ax.set_title(f"{title}\n(lines: evaluation points in training order; large marker: the run's last point)",
-                 fontsize=10)
+    flagged = sum(is_flagged(p) for r in runs for p in r.points)
+    ax.set_title(f"{title}\n(lines: evaluation points in training order; large marker: the run's last point; hollow: "
+                 f"> {TRUNCATION_FLAG:.0%} of samples cut at the length cap, {flagged} points)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()

@@ -69,7 +69,10 @@ def test_typos_fail_at_composition(override, fragment):
     (["loss=rdpo", "loss.label_smoothing=-0.1"], r"label_smoothing must be in \[0, 0.5\)"),
     (["reference.enabled=false"], "needs a reference model"),
     (["trainer.batch_size=10", "trainer.grad_accumulation_steps=4"], "does not divide evenly"),
-    (["data.max_prompt_length=64"], "leaves no room for a response"),
+    (["data.max_prompt_length=176"], "leaves no room for a response"),
+    (["data.max_length=100"], "must hold a prompt .* and a sample of task.generation.max_new_tokens=160"),
+    (["task.generation.temperature=0.7"], "eval.kl=true estimates KL.*temperature=0.7"),
+    (["task.generation.top_k=50"], "eval.kl=true estimates KL.*top_k=50"),
     (["sft.checkpoint=/no/such/folder"], "is not a folder"),
 ])
 def test_invalid_combinations_fail_before_any_model_loads(overrides, message):

@@ -20,7 +20,8 @@ TRAIN_KEYS = {"train/loss", "train/rewards/chosen", "train/rewards/rejected", "t
               "train/learning_rate", "train/pairs_per_second"}
 EVAL_KEYS = {"eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins",
              "eval/rewards/accuracies", "eval/logps/chosen", "eval/logps/rejected", "eval/kl", "eval/kl_stderr",
-             "eval/gold_reward", "eval/gold_reward_ref"}
+             "eval/gold_reward", "eval/gold_reward_ref", "eval/log_ratio_accuracy", "eval/truncated_fraction",
+             "eval/truncated_fraction_ref"}
 TIMING_KEYS = {"train/pairs_per_second", "train/tokens_per_second", "train/seconds", "eval/seconds", "wall_seconds",
                "cost/train_seconds"}
 
@@ -91,7 +92,10 @@ def test_every_algorithm_trains_by_name_and_lowers_its_loss(smoke_cfg, loss, mon
     monkeypatch.setattr(train_module.Reference, "__init__", spy)
     cfg = smoke_cfg(f"loss={loss}", "trainer.max_steps=16", "ppo.total_iterations=8", "optimizer.lr=3e-3",
                     "optimizer.warmup_steps=0", "ppo.lr=3e-3", "ppo.reward=gold",
-                    "trainer.eval_every=100", "ppo.eval_every=100")
+                    "trainer.eval_every=100", "ppo.eval_every=100",
+                    # PPO: a vocabulary at which the tiny model's reviews fit its SFT length, so it learns to stop
+                    # and its rollouts are not all scored as missing an EOS (a constant reward teaches nothing)
+                    *(["data.vocab_size=1024", "sft.max_steps=120", "ppo.max_new_tokens=48"] if loss == "ppo" else []))
     summary = train_module.run(cfg)
     run_dir = Path(cfg.paths.output_dir)
     needs = REGISTRY[loss].needs(cfg)
@@ -108,6 +112,12 @@ def test_every_algorithm_trains_by_name_and_lowers_its_loss(smoke_cfg, loss, mon
     third = len(values) // 3
     first, last = sum(values[:third]) / third, sum(values[-third:]) / third
     assert last < first, (loss, values)
+    # one name, one computation: the implicit reward exists only where the algorithm has one (at its own β)
+    implicit_reward = REGISTRY[loss].family in ("dpo-family", "online-dpo")
+    assert any(k.startswith("eval/rewards/") for k in summary) == implicit_reward, sorted(summary)
+    assert ("eval/loss" in summary) == (loss != "ppo")  # PPO has no loss on held-out pairs
+    assert {"eval/log_ratio_accuracy", "eval/logps/chosen", "eval/truncated_fraction",
+            "eval/truncated_fraction_ref"} <= set(summary)
 
 
 def test_precomputed_reference_gives_the_same_training(smoke_cfg, tmp_path):

@@ -23,6 +23,7 @@ import re
 import runpy
 import shlex
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,7 @@ def check_train(command: Command, repo: Path) -> str:
             assert model in written_before(command), f"{command}: reads {model}, which no command before it makes"
         return f"composed only: {reason}"
     before = run_dirs(repo)
+    time.sleep(1.0)  # run folders are named to the second: two identical commands in one second would share one
     run_cli(*(["-m"] if multirun else []), *at_smoke_budget(overrides))
     new = run_dirs(repo) - before
     jobs = len(expand_sweeps(overrides)) if multirun else 1

@@ -231,3 +231,58 @@ def test_length_normalised_losses_train_on_sampled_pairs_that_hold_empty_complet
     losses = [r["train/loss"] for r in read_jsonl(Path(cfg.paths.output_dir) / "metrics.jsonl") if "train/loss" in r]
     assert losses and all(math.isfinite(x) for x in losses)
     assert math.isfinite(summary["eval/loss"]) and math.isfinite(summary["eval/kl"])
+
+
+# ---- sampled pairs keep the tokens the model produced ------------------------------------------------------
+
+def test_a_sampled_pair_is_never_re_tokenized_and_a_cut_sample_has_no_eos_term(tmp_path, tiny_lm):
+    from dpo_exp.data import load_pairs, save_pairs, tokenize_pair
+    from dpo_exp.models import load_tokenizer, train_tokenizer
+
+    train_tokenizer(["a good film", "a bad film", "the end"], 300, tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    eos = tok.eos_token_id
+    # stored ids (a cut chosen sample without EOS, a rejected one that stopped) are used as they are
+    pair = PreferencePair("a good", "x", "y", prompt_ids=[1, 5], chosen_ids=[7, 8], rejected_ids=[9, eos])
+    save_pairs([pair], tmp_path / "pairs.jsonl")
+    loaded = load_pairs(tmp_path / "pairs.jsonl")[0]
+    assert loaded == pair
+    t = tokenize_pair(tok, loaded, 0, max_length=32, max_prompt_length=16)
+    assert (t.prompt_ids, t.chosen_ids, t.rejected_ids) == ([1, 5], [7, 8], [9, eos])
+    model = tiny_lm[0]
+    batch = collate_pairs([t], pad_id=0)
+    logps = sequence_logps(model, batch).logps
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 7, 8]])).logits[0]
+    two_tokens = F.log_softmax(logits, -1)[[1, 2], [7, 8]].sum()  # the two sampled tokens and no EOS after them
+    torch.testing.assert_close(logps[0], two_tokens, rtol=1e-6, atol=1e-6)
+    text_pair = tokenize_pair(tok, PreferencePair("a good", " film", " bad"), 0, 32, 16)
+    assert text_pair.chosen_ids[-1] == eos  # a dataset's text response still gets EOS, as the authors'
+
+
+@pytest.mark.parametrize("mode", ["drop", "keep"])
+def test_sampled_pairs_store_exact_tokens_and_cut_samples_are_dropped_and_counted(smoke_cfg, tmp_path, mode):
+    from dpo_exp import train as train_module
+    from dpo_exp.data import load_pairs, tokenize_dataset
+    from dpo_exp.models import load_tokenizer
+
+    cache = tmp_path / f"cache_{mode}"
+    # a vocabulary and SFT budget at which the tiny model's reviews fit and it learns to stop, sometimes
+    cfg = smoke_cfg(f"paths.cache_dir={cache}", f"task.truncated_samples={mode}", "task.generation.max_new_tokens=48",
+                    "data.vocab_size=1024", "sft.max_steps=120")
+    summary = train_module.run(cfg)
+    folder = next((cache / "pairs").glob("*/COMPLETE")).parent
+    pairs = load_pairs(folder / "train.jsonl") + load_pairs(folder / "eval.jsonl")
+    tok = load_tokenizer(summary["sft_policy"])
+    eos = tok.eos_token_id
+    ends = [ids[-1] == eos for p in pairs for ids in (p.chosen_ids, p.rejected_ids)]
+    cut = summary.get("data/skipped/train/truncated_sample", 0) + summary.get("data/skipped/eval/truncated_sample", 0)
+    if mode == "drop":
+        assert all(ends) and cut > 0  # at 48 tokens some samples were cut: dropped, and counted
+    else:
+        assert not all(ends) and cut == 0  # kept, without an EOS the model never sampled
+    for p in pairs:  # the text the gold reward scored is the decoded stored tokens
+        assert p.chosen == tok.decode(p.chosen_ids, skip_special_tokens=True)
+        assert all(t != eos for t in p.chosen_ids[:-1]) and len(p.chosen_ids) <= 48
+    tokenized, _ = tokenize_dataset(tok, pairs, cfg.data.max_length, cfg.data.max_prompt_length)
+    assert [(t.chosen_ids, t.rejected_ids) for t in tokenized] == [(p.chosen_ids, p.rejected_ids) for p in pairs]

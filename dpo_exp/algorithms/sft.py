@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 
 from dpo_exp.algorithms.base import Needs, OfflineAlgorithm, StepOutput, mean_metric, register
-from dpo_exp.algorithms.preference import policy_pair_logps, reward_metrics
+from dpo_exp.algorithms.preference import policy_pair_logps
 from dpo_exp.models import PairLogps
 
 
@@ -17,7 +17,7 @@ class SFTAlgorithm(OfflineAlgorithm):
     family = "sft"
     unit = "sequences"
     headline = (("held-out NLL per chosen token", "eval/loss"),
-                ("held-out preference accuracy (implicit reward)", "eval/rewards/accuracies"))
+                ("held-out log-ratio accuracy (log pi/pi_ref, chosen > rejected)", "eval/log_ratio_accuracy"))
 
     @classmethod
     def needs(cls, cfg: Any) -> Needs:
@@ -36,9 +36,5 @@ class SFTAlgorithm(OfflineAlgorithm):
         return StepOutput(-policy.chosen.sum(), {"logps/chosen": mean_metric(policy.chosen)})
 
     def pair_loss(self, policy: PairLogps, reference: Optional[PairLogps]) -> StepOutput:
-        metrics = {"logps/chosen": mean_metric(policy.chosen), "logps/rejected": mean_metric(policy.rejected)}
-        if reference is not None:  # the implicit reward of the SFT policy at the same β, for comparison
-            beta = self.cfg.loss.beta
-            metrics = reward_metrics(beta * (policy.chosen - reference.chosen),
-                                     beta * (policy.rejected - reference.rejected), policy)
-        return StepOutput(-policy.chosen, metrics)
+        """Held-out NLL of the chosen responses (per token, through normaliser); SFT has no implicit reward."""
+        return StepOutput(-policy.chosen, {})

@@ -22,12 +22,22 @@ import torch
 
 @dataclass(frozen=True)
 class PreferencePair:
+    """A prompt and its responses as text; sampled pairs also keep the exact token ids the model produced.
+
+    With `chosen_ids` set (sampled pairs), tokenization uses the stored ids as they are: the prompt's ids,
+    and each response's sampled tokens with its EOS only if the model emitted one. Text pairs (datasets)
+    are tokenized, and EOS is appended to each response, as the DPO authors did.
+    """
     prompt: str
     chosen: str
     rejected: Optional[str] = None  # None for SFT-only examples; "" is a real empty response (EOS only)
+    prompt_ids: Optional[list[int]] = None
+    chosen_ids: Optional[list[int]] = None
+    rejected_ids: Optional[list[int]] = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        """One JSON line; fields that are None (an SFT example's rejected, a text pair's ids) are left out."""
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None or k in ("prompt", "chosen")})
 
 
 @dataclass(frozen=True)
@@ -58,10 +68,14 @@ def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
 
 def tokenize_pair(tokenizer, pair: PreferencePair, index: int, max_length: int, max_prompt_length: int,
                   keep_prompt_end: bool = True) -> TokenizedPair:
-    prompt = prompt_token_ids(tokenizer, pair.prompt)
+    sampled = pair.chosen_ids is not None  # the exact sampled tokens, never re-tokenized
+    prompt = list(pair.prompt_ids) if sampled and pair.prompt_ids is not None else prompt_token_ids(tokenizer, pair.prompt)
     if len(prompt) > max_prompt_length:
         prompt = prompt[-max_prompt_length:] if keep_prompt_end else prompt[:max_prompt_length]
     room = max(max_length - len(prompt), 0)
+    if sampled:  # config validation makes prompt + max_new_tokens fit max_length, so nothing is cut here
+        rejected = [] if pair.rejected_ids is None else list(pair.rejected_ids)[:room]
+        return TokenizedPair(index, prompt, list(pair.chosen_ids)[:room], rejected)
 
     def response(text: Optional[str]) -> list[int]:
         if text is None:  # an SFT-only example has no rejected response

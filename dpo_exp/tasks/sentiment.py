@@ -6,9 +6,11 @@ labelling every pair of them with the gold reward (4 samples → 6 pairs, as the
 """
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
+from dpo_exp.config import TruncatedSamples
 from dpo_exp.data import formats
 from dpo_exp.data import PreferencePair, prompt_token_ids
 from dpo_exp.models import load_model, resolve_device, sample, torch_dtype, train_tokenizer
@@ -39,48 +41,79 @@ class SentimentTask:
     def train_tokenizer(self, out_dir: Path) -> None:
         train_tokenizer(self.train_texts, self.cfg.data.vocab_size, out_dir)
 
-    def _prefixes(self, texts: list[str], n: int, tokenizer, seed: int) -> list[str]:
-        """Prefixes of 2–8 tokens (task.prompt_min_tokens..prompt_max_tokens) of n texts."""
+    def _prefixes(self, texts: list[str], n: int, tokenizer, seed: int, exclude: frozenset = frozenset()) -> list[str]:
+        """n prefixes of 2–8 tokens (task.prompt_min_tokens..prompt_max_tokens) of the texts, taken in turn
+        (cycling), leaving out any prefix in `exclude` (the training prompts, for held-out prompts)."""
         rng = random.Random(seed)
         t = self.cfg.task
-        out = []
-        for text in (texts * (n // max(1, len(texts)) + 1))[:n]:
+        out: list[str] = []
+        for tries, text in enumerate(itertools.cycle(texts) if texts else ()):
+            if len(out) == n:
+                break
+            if tries >= 20 * n + len(texts):
+                raise ValueError(f"only {len(out)} of {n} prefixes of the {len(texts)} held-out texts are not also "
+                                 "training prompts; use more held-out texts (data.num_eval_texts) or fewer prompts")
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             k = rng.randint(t.prompt_min_tokens, t.prompt_max_tokens)
-            out.append(tokenizer.decode(ids[:k]))  # exact text, so re-tokenizing gives ids[:k]
+            prefix = tokenizer.decode(ids[:k])  # exact text, so re-tokenizing gives ids[:k]
+            if prefix not in exclude:
+                out.append(prefix)
         return out
 
+    def train_prompts(self, tokenizer) -> list[str]:
+        return self._prefixes(self.train_texts, self.cfg.task.num_train_prompts, tokenizer, seed=self.cfg.seed)
+
     def eval_prompts(self, tokenizer, eval_pairs) -> list[str]:
-        del eval_pairs  # prompts are fresh prefixes of held-out reviews
-        return self._prefixes(self.eval_texts, self.cfg.eval.num_prompts, tokenizer, seed=self.cfg.seed + 2)
+        """Fresh prefixes of held-out reviews, none of them a training prompt (as a string)."""
+        del eval_pairs
+        return self._prefixes(self.eval_texts, self.cfg.eval.num_prompts, tokenizer, seed=self.cfg.seed + 2,
+                              exclude=frozenset(self.train_prompts(tokenizer)))
+
+    def held_out_pair_prompts(self, tokenizer) -> list[str]:
+        """Prompts of the held-out pairs: prefixes of held-out reviews, none of them a training prompt."""
+        return self._prefixes(self.eval_texts[::-1], self.cfg.task.num_eval_pair_prompts, tokenizer,
+                              seed=self.cfg.seed + 1, exclude=frozenset(self.train_prompts(tokenizer)))
 
     def preference_pairs(self, sft_dir: Path, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair], dict]:
-        t = self.cfg.task
-        train_prompts = self._prefixes(self.train_texts, t.num_train_prompts, tokenizer, seed=self.cfg.seed)
-        eval_prompts = self._prefixes(self.eval_texts[::-1], t.num_eval_pair_prompts, tokenizer, seed=self.cfg.seed + 1)
+        train_prompts, eval_prompts = self.train_prompts(tokenizer), self.held_out_pair_prompts(tokenizer)
         policy = load_model(str(sft_dir), torch_dtype(self.cfg.model.policy_dtype), self.cfg.model.attn_implementation)
         policy.to(resolve_device(self.cfg.trainer.device))
-        return (self._labelled_pairs(policy, tokenizer, train_prompts),
-                self._labelled_pairs(policy, tokenizer, eval_prompts), {})
+        train, train_cut = self._labelled_pairs(policy, tokenizer, train_prompts)
+        held_out, eval_cut = self._labelled_pairs(policy, tokenizer, eval_prompts)
+        skipped = {f"{split}/truncated_sample": cut for split, cut in (("train", train_cut), ("eval", eval_cut)) if cut}
+        return train, held_out, skipped
 
-    def _labelled_pairs(self, policy, tokenizer, prompts: list[str]) -> list[PreferencePair]:
+    def _labelled_pairs(self, policy, tokenizer, prompts: list[str]) -> tuple[list[PreferencePair], int]:
+        """Every pair of a prompt's samples, chosen by the gold reward; pairs keep the exact sampled tokens.
+
+        A sample that reached max_new_tokens without EOS is dropped before pairing with
+        task.truncated_samples=drop (the default; the count is returned) or kept, without an EOS, with keep.
+        """
         t = self.cfg.task
         g = t.generation
         n = t.samples_per_prompt
+        eos = tokenizer.eos_token_id
         ids = [prompt_token_ids(tokenizer, p) for p in prompts for _ in range(n)]
         samples = sample(policy, tokenizer, ids, g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.batch_size)
-        rewards = self.gold_reward([p for p in prompts for _ in range(n)], samples.texts)
-        pairs = []
+        rewards = self.gold_reward([p for p in prompts for _ in range(n)], samples.texts)  # the stored tokens' text
+        drop = TruncatedSamples(t.truncated_samples) is TruncatedSamples.drop
+        pairs, cut = [], 0
         for i, prompt in enumerate(prompts):
-            group = list(zip(samples.texts[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n]))
-            for a in range(n):
-                for b in range(a + 1, n):
-                    (text_a, r_a), (text_b, r_b) = group[a], group[b]
-                    if abs(r_a - r_b) < max(t.min_reward_gap, 1e-9) or text_a == text_b:
-                        continue  # a tie carries no preference
-                    chosen, rejected = (text_a, text_b) if r_a > r_b else (text_b, text_a)
-                    pairs.append(PreferencePair(prompt, chosen, rejected))
-        return pairs
+            group = []
+            for j in range(i * n, (i + 1) * n):
+                response = samples.response_ids[j]
+                if drop and (not response or response[-1] != eos):
+                    cut += 1
+                    continue
+                group.append((response, samples.texts[j], rewards[j]))
+            for (ids_a, text_a, r_a), (ids_b, text_b, r_b) in itertools.combinations(group, 2):
+                if abs(r_a - r_b) < max(t.min_reward_gap, 1e-9) or ids_a == ids_b:
+                    continue  # a tie carries no preference
+                (c_ids, c_text), (r_ids, r_text) = ((ids_a, text_a), (ids_b, text_b)) if r_a > r_b else \
+                    ((ids_b, text_b), (ids_a, text_a))
+                pairs.append(PreferencePair(prompt, c_text, r_text, prompt_ids=ids[i * n], chosen_ids=c_ids,
+                                            rejected_ids=r_ids))
+        return pairs, cut
 
 
 def _reviews(data, split: str) -> list[str]:

@@ -23,8 +23,20 @@ ASPECTS = ["acting", "plot", "story", "script", "music", "soundtrack", "ending",
            "camera work", "characters", "direction", "villain", "hero", "cinematography", "editing", "costumes"]
 SUBJECTS = ["this movie", "this film", "the sequel", "the remake", "this picture", "the new film"]
 INTENSIFIERS = ["really", "very", "quite", "truly", "so", "pretty"]
-OPENERS = ["i watched {subject} last night .", "i saw {subject} with my family .", "we rented {subject} yesterday .",
-           "{subject} came out last year .", "i finally watched {subject} .", "my friend told me to watch {subject} ."]
+# Openers vary in who, where and when (none of these words carries sentiment for VADER), so that the
+# 2-8-token prefixes used as prompts take thousands of values: held-out prompts can then be drawn that
+# are not also training prompts without keeping only the longest prefixes.
+NAMES = ["anna", "ben", "carla", "david", "emma", "frank", "greta", "henry", "iris", "jack", "kate", "leo",
+         "maria", "nick", "olga", "paul", "rosa", "sam", "tina", "victor", "walter", "yuki", "zoe", "omar"]
+WHEN = ["last night", "yesterday", "on sunday", "this weekend", "last week", "on friday", "in march", "on a plane",
+        "at home", "after work", "in the afternoon", "on tuesday"]
+PLACES = ["at the cinema", "on television", "on my laptop", "at a friend's house", "in london",
+          "on a train", "at the drive-in"]
+OPENERS = ["i watched {subject} {when} .", "i saw {subject} with {name} {when} .", "we rented {subject} {when} .",
+           "{subject} came out {when} .", "i finally watched {subject} {place} .", "{name} told me to watch {subject} .",
+           "{name} and i saw {subject} {place} .", "{name} and {name2} took me to {subject} {when} .",
+           "i caught {subject} {place} {when} .", "my brother {name} picked {subject} for us {when} .",
+           "{name} watched {subject} {place} and so did i .", "{when} {name} and i streamed {subject} ."]
 TEMPLATES = [
     "the {aspect} was {adj} .",
     "the {aspect} was {int} {adj} .",
@@ -50,7 +62,9 @@ def _words(polarity: str):
 def review(rng: random.Random, polarity: str, consistency: float = 0.75, sentences: tuple[int, int] = (3, 6)) -> str:
     """One review of overall `polarity` ('positive' or 'negative')."""
     other = "negative" if polarity == "positive" else "positive"
-    parts = [rng.choice(OPENERS).format(subject=rng.choice(SUBJECTS))]
+    names = rng.sample(NAMES, 2)
+    parts = [rng.choice(OPENERS).format(subject=rng.choice(SUBJECTS), name=names[0], name2=names[1],
+                                        when=rng.choice(WHEN), place=rng.choice(PLACES))]
     for _ in range(rng.randint(*sentences)):
         u = rng.random()
         tone = polarity if u < consistency else (other if u < consistency + (1 - consistency) / 2 else "neutral")
