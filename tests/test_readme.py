@@ -227,6 +227,8 @@ def check_train(command: Command, repo: Path) -> str:
     overrides, multirun = train_overrides(command)
     cfg = compose_cfg(expand_sweeps(overrides)[0])
     reason = why_not_here(cfg)
+    if not SHARED_DATA.exists() and "shared/data" in " ".join(map(str, (cfg.data.path, cfg.data.eval_path, *overrides))):
+        return f"skipped: {SHARED_DATA} (the project's real data samples) is absent here"
     if reason:
         model = cfg.model.name_or_path
         if model is not None and not _is_hub_id(model):
@@ -280,7 +282,6 @@ def _importable(name: str) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} (real dataset samples) is absent")
 def test_every_documented_command_runs_in_order_from_a_fresh_checkout(checkout, capsys):
     results = []
     for command in COMMANDS:
@@ -291,7 +292,7 @@ def test_every_documented_command_runs_in_order_from_a_fresh_checkout(checkout, 
     ran = [c for c, how in results if how.startswith("ran")]
     with capsys.disabled():  # what was run and what was only composed, for whoever reads the log
         print("\n" + "\n".join(f"{how:>40}  {c}" for c, how in results))
-    assert len(ran) >= 20
+    assert len(ran) >= (20 if SHARED_DATA.exists() else 15)
 
 
 def test_the_on_invalid_error_example_is_what_the_code_prints():
