@@ -18,7 +18,7 @@ How the comparison is kept fair:
   in a temporary folder; every row then runs in a fresh subprocess of this script that loads
   it, so both start from identical weights and the peak RSS of one is not polluted by the
   other (or by the parent).
-- dpo_exp is driven through its real training path: data.tokenize_pairs, algorithms,
+- dpo_exp is driven through its real training path: data.tokenize_dataset, algorithms,
   reference.Reference and trainer.Trainer.train_step, with the step order of Trainer.plan.
   TRL gets the same pairs, in that order, with a sequential sampler.
 - Nothing is truncated at these lengths (longest sequence 1 + 64 + 129 tokens < 256), so the
@@ -129,7 +129,7 @@ def build_fixture(workdir: Path, settings: dict) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from dpo_exp.data import save_pairs, tokenize_pairs
+    from dpo_exp.data import save_pairs, tokenize_dataset
     from dpo_exp.algorithms.base import batch_plan
 
     hf_logging.disable_progress_bar()  # save_pretrained's shard bar
@@ -149,7 +149,7 @@ def build_fixture(workdir: Path, settings: dict) -> None:
 
     pairs = build_pairs(words, settings["pairs"], 64, (64, 128), settings["seed"])
     save_pairs(pairs, workdir / "pairs.jsonl")
-    tokenized = tokenize_pairs(tokenizer, pairs, settings["max_length"], settings["max_prompt_length"])
+    tokenized, _ = tokenize_dataset(tokenizer, pairs, settings["max_length"], settings["max_prompt_length"])
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in tokenized)
     longest_prompt = max(len(p.prompt_ids) for p in tokenized)
     if longest > settings["max_length"] or longest_prompt > settings["max_prompt_length"]:
@@ -211,14 +211,14 @@ def timing(step_ends: list[tuple[float, float]], start: tuple[float, float], war
 # ---- workers: one (implementation, variant) per process ------------------------------------
 
 def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
-    """dpo_exp's own training path: tokenize_pairs → Reference → the DPO algorithm in Loop.train_iteration, timed per step."""
+    """dpo_exp's own training path: tokenize_dataset → Reference → the DPO algorithm in Loop.train_iteration, timed per step."""
     import torch
 
     from omegaconf import OmegaConf
 
     from dpo_exp.algorithms import Resources, algorithm_class
     from dpo_exp.config import LossConfig, OptimizerConfig, OptimizerName, TrainerConfig
-    from dpo_exp.data import load_pairs, tokenize_pairs
+    from dpo_exp.data import load_pairs, tokenize_dataset
     from dpo_exp.loggers import RunLogger
     from dpo_exp.loop import Loop, LoopSettings, seed_everything
     from dpo_exp.models import freeze, load_model
@@ -227,8 +227,8 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
 
     seed_everything(settings["seed"])
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
-    pairs = tokenize_pairs(tokenizer, load_pairs(workdir / "pairs.jsonl"), settings["max_length"],
-                           settings["max_prompt_length"], keep_prompt_end=True)
+    pairs, _ = tokenize_dataset(tokenizer, load_pairs(workdir / "pairs.jsonl"), settings["max_length"],
+                                settings["max_prompt_length"], keep_prompt_end=True)
     model_dir = str(workdir / "model")
     precision = "bf16" if variant == "bf16" else "fp32"
     policy = load_model(model_dir, torch.float32)  # fp32 master weights; bf16 is autocast, as in dpo_exp

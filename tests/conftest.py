@@ -176,13 +176,19 @@ def hub_values(node, prefix=""):
             yield f"{prefix}{key}", value
 
 
+def is_local_path(value: str) -> bool:
+    """A folder rather than a hub id: absolute, relative, home, an interpolation, or under outputs/ (made by a
+    command, e.g. scripts/fetch_smollm2.py)."""
+    return value.startswith(("/", ".", "~", "${", "outputs/"))
+
+
 def assert_valid_hub_ids(values, where: str) -> None:
     """Every value that is not a local path must be a hub id datasets and transformers accept."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     for key, value in values:
-        if value.startswith(("/", ".", "~", "${", "outputs/")):
-            continue  # a local folder (outputs/: one a command makes, e.g. scripts/fetch_smollm2.py) or an interpolation
+        if is_local_path(value):
+            continue
         try:
             validate_repo_id(value)  # what datasets.load_dataset and from_pretrained call on a hub id
         except HFValidationError as err:

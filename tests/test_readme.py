@@ -33,7 +33,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, SHARED_DATA, assert_valid_hub_ids, hub_values, run_cli
+from conftest import ROOT, SHARED_DATA, assert_valid_hub_ids, hub_values, is_local_path, run_cli
 from dpo_exp.config import register_configs, validate
 
 README = ROOT / "README.md"
@@ -114,7 +114,7 @@ def compose_cfg(overrides: list[str]):
 
 
 def _is_hub_id(value) -> bool:
-    return isinstance(value, str) and not value.startswith(("/", ".", "~", "outputs/"))
+    return isinstance(value, str) and not is_local_path(value)
 
 
 def why_not_here(cfg) -> str | None:
@@ -262,7 +262,7 @@ def check_script(command: Command, repo: Path) -> str:
         if word.startswith("outputs/") and word not in outputs:
             assert (repo / word).exists(), f"{command}: reads {word}, which no command before it made"
     if script in SCRIPT_BUDGET:
-        if "trl" not in sys.modules and not _importable("trl"):
+        if not _importable("trl"):
             argv += ["--impl", "dpo_exp"]  # TRL is the bench extra; without it, dpo_exp's side alone
         argv += SCRIPT_BUDGET[script]
     printed = run_script(argv)

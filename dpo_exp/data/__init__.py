@@ -5,7 +5,7 @@
 - `formats`: the datasets' formats (hh, shp, tldr, imdb, ultrafeedback, pairs) and row validation.
 """
 from dpo_exp.data.examples import (PreferencePair, TokenizedPair, collate_pairs, collate_sequences, load_pairs,
-                                   prompt_token_ids, save_pairs, tokenize_dataset, tokenize_pair, tokenize_pairs)
+                                   prompt_token_ids, save_pairs, tokenize_dataset, tokenize_pair)
 
 __all__ = ["PreferencePair", "TokenizedPair", "collate_pairs", "collate_sequences", "load_pairs", "prompt_token_ids",
-           "save_pairs", "tokenize_dataset", "tokenize_pair", "tokenize_pairs"]
+           "save_pairs", "tokenize_dataset", "tokenize_pair"]

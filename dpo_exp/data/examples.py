@@ -87,16 +87,10 @@ def tokenize_pair(tokenizer, pair: PreferencePair, index: int, max_length: int, 
     return TokenizedPair(index, prompt, response(pair.chosen), response(pair.rejected))
 
 
-def tokenize_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int, max_prompt_length: int,
-                   keep_prompt_end: bool = True) -> list[TokenizedPair]:
-    return [tokenize_pair(tokenizer, p, i, max_length, max_prompt_length, keep_prompt_end)
-            for i, p in enumerate(pairs)]
-
-
 def tokenize_dataset(tokenizer, pairs: Sequence[PreferencePair], max_length: int, max_prompt_length: int,
                      keep_prompt_end: bool = True) -> tuple[list[TokenizedPair], dict[str, int]]:
-    """tokenize_pairs for training and evaluation: a pair that would keep no token of a response (the prompt
-    fills max_length) is dropped and counted ("no_response_tokens"), never trained on with a 0/0 length
+    """tokenize_pair over a dataset, for training and evaluation: a pair that would keep no token of a response
+    (the prompt fills max_length) is dropped and counted ("no_response_tokens"), never trained on with a 0/0 length
     normalisation; kept pairs are indexed 0..n-1 in order (the key of precomputed reference log-probs)."""
     kept: list[TokenizedPair] = []
     for pair in pairs:

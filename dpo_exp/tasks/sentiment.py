@@ -69,13 +69,15 @@ class SentimentTask:
         return self._prefixes(self.eval_texts, self.cfg.eval.num_prompts, tokenizer, seed=self.cfg.seed + 2,
                               exclude=frozenset(self.train_prompts(tokenizer)))
 
-    def held_out_pair_prompts(self, tokenizer) -> list[str]:
+    def held_out_pair_prompts(self, tokenizer, train_prompts: list[str] | None = None) -> list[str]:
         """Prompts of the held-out pairs: prefixes of held-out reviews, none of them a training prompt."""
+        train_prompts = self.train_prompts(tokenizer) if train_prompts is None else train_prompts
         return self._prefixes(self.eval_texts[::-1], self.cfg.task.num_eval_pair_prompts, tokenizer,
-                              seed=self.cfg.seed + 1, exclude=frozenset(self.train_prompts(tokenizer)))
+                              seed=self.cfg.seed + 1, exclude=frozenset(train_prompts))
 
     def preference_pairs(self, sft_dir: Path, tokenizer) -> tuple[list[PreferencePair], list[PreferencePair], dict]:
-        train_prompts, eval_prompts = self.train_prompts(tokenizer), self.held_out_pair_prompts(tokenizer)
+        train_prompts = self.train_prompts(tokenizer)
+        eval_prompts = self.held_out_pair_prompts(tokenizer, train_prompts)
         policy = load_model(str(sft_dir), torch_dtype(self.cfg.model.policy_dtype), self.cfg.model.attn_implementation)
         policy.to(resolve_device(self.cfg.trainer.device))
         train, train_cut = self._labelled_pairs(policy, tokenizer, train_prompts)
