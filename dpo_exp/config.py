@@ -100,6 +100,7 @@ class DataConfig:
     max_length: int = 512
     max_prompt_length: int = 256
     vocab_size: int = 1024
+    excerpt_tokens: Optional[int] = None  # task=sentiment: SFT texts end at their last sentence end within this many tokens
 
 
 @dataclass
@@ -391,6 +392,11 @@ def validate(cfg: Any) -> None:
                 f"data.max_length={cfg.data.max_length} (data.max_prompt_length={cfg.data.max_prompt_length}) must "
                 f"hold a prompt of task.prompt_max_tokens={cfg.task.prompt_max_tokens} tokens plus BOS and a sample of "
                 f"task.generation.max_new_tokens={g.max_new_tokens}: set data.max_length>={prompt_room + g.max_new_tokens}")
+    n = cfg.data.excerpt_tokens
+    if n is not None and (cfg.task.name != "sentiment" or not 0 < n < cfg.sft.max_length):
+        raise ConfigError(f"data.excerpt_tokens={n} cuts task=sentiment's SFT reviews at a sentence end: it needs "
+                          f"task=sentiment (got {cfg.task.name}) and 0 < data.excerpt_tokens < sft.max_length="
+                          f"{cfg.sft.max_length}; null keeps whole texts")
     if cfg.eval.kl and (g.temperature != 1.0 or g.top_k != 0 or g.top_p != 1.0):
         raise ConfigError(
             f"eval.kl=true estimates KL(π‖π_ref) from samples of π itself, but task.generation samples at "

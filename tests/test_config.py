@@ -74,6 +74,8 @@ def test_typos_fail_at_composition(override, fragment):
     (["task.generation.temperature=0.7"], "eval.kl=true estimates KL.*temperature=0.7"),
     (["task.generation.top_k=50"], "eval.kl=true estimates KL.*top_k=50"),
     (["sft.checkpoint=/no/such/folder"], "is not a folder"),
+    (["data.excerpt_tokens=96"], r"0 < data.excerpt_tokens < sft.max_length=96"),
+    (["task=preference", "data=hh", "data.excerpt_tokens=32"], "it needs task=sentiment"),
 ])
 def test_invalid_combinations_fail_before_any_model_loads(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -111,3 +111,64 @@ def test_evaluation_prompts_and_held_out_pair_prompts_are_never_training_prompts
     # and the held-out prompts are not just the longest prefixes: their lengths spread like the training ones
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in evaluation]
     assert min(lengths) <= cfg.task.prompt_min_tokens + 2
+
+
+# ---- SFT reviews that end, so samples end ----------------------------------------------------------
+
+class WordTokenizer:
+    """One token per whitespace-separated word: lengths a reader can count."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text.split())))}
+
+
+@pytest.mark.parametrize("text, max_tokens, expected", [
+    ("One two three. Four five six! Seven eight", 4, "One two three."),
+    ("One two three. Four five six! Seven eight", 7, "One two three. Four five six!"),
+    ('He said "no way." Then he left', 5, 'He said "no way."'),          # the closing quote stays
+    ("Loved it. Would watch again", 5, "Loved it. Would watch again"),   # fits: whole, even without a full stop
+    ("Version 2.0 of the film is long. Yes", 6, None),                   # "2.0" is no sentence end; the first is too long
+    ("A first sentence far too long for the budget. Short.", 3, None),
+])
+def test_an_excerpt_ends_at_the_last_sentence_end_within_the_budget(text, max_tokens, expected):
+    from dpo_exp.tasks.sentiment import excerpt
+
+    assert excerpt(text, WordTokenizer(), max_tokens) == expected
+
+
+def test_imdb_sft_examples_are_excerpts_that_end_with_eos(tmp_path):
+    """data=imdb's SFT reviews (data.excerpt_tokens=64) each end at a sentence end within 64 tokens and are
+    tokenized with their EOS, so π_SFT learns to stop; whole reviews (null) are mostly cut without EOS."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT, SHARED_DATA
+    from dpo_exp.config import register_configs
+    from dpo_exp.data import tokenize_dataset
+    from dpo_exp.models import load_tokenizer
+    from dpo_exp.tasks import build_task
+
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} is absent")
+    register_configs()
+
+    def task_of(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["experiment=imdb_small", "data.num_train_texts=300",
+                                               f"paths.root_dir={ROOT}", "paths.output_dir=/tmp/unused", *overrides])
+        OmegaConf.resolve(cfg)
+        return cfg, build_task(cfg)
+
+    cfg, task = task_of()
+    task.train_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(str(tmp_path))
+    eos = tokenizer.eos_token_id
+    pairs = task.sft_examples(tokenizer)
+    tokenized, _ = tokenize_dataset(tokenizer, pairs, cfg.sft.max_length, 8)
+    assert 0.8 * len(task.train_texts) < len(pairs) < len(task.train_texts)  # a few have no early sentence end
+    for pair, tok in zip(pairs, tokenized):
+        assert pair.chosen[-1] in ".!?\"')]" or pair.chosen in task.train_texts
+        assert len(tok.chosen_ids) <= 64 + 1 and tok.chosen_ids[-1] == eos
+    cfg, task = task_of("data.excerpt_tokens=null", "sft.max_length=128")
+    whole, _ = tokenize_dataset(tokenizer, task.sft_examples(tokenizer), cfg.sft.max_length, 8)
+    assert len(whole) == 300 and sum(t.chosen_ids[-1] != eos for t in whole) > 0.5 * len(whole)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from pathlib import Path
 
 from dpo_exp.config import TruncatedSamples
@@ -36,7 +37,13 @@ class SentimentTask:
         self.gold_reward = gold_reward(cfg.task.gold_reward)
 
     def sft_examples(self, tokenizer=None) -> list[PreferencePair]:
-        return [PreferencePair(prompt="", chosen=text) for text in self.train_texts]
+        """The training texts as SFT examples (the whole text is the response, so EOS follows it). With
+        data.excerpt_tokens each text is first cut at its last sentence end within that many tokens, so π_SFT
+        learns to finish a short review instead of being cut mid-review at sft.max_length; a text with no
+        sentence end that early is left out."""
+        n = self.cfg.data.excerpt_tokens
+        texts = self.train_texts if n is None else [excerpt(text, tokenizer, n) for text in self.train_texts]
+        return [PreferencePair(prompt="", chosen=text) for text in texts if text is not None]
 
     def train_tokenizer(self, out_dir: Path) -> None:
         train_tokenizer(self.train_texts, self.cfg.data.vocab_size, out_dir)
@@ -116,6 +123,22 @@ class SentimentTask:
                 pairs.append(PreferencePair(prompt, c_text, r_text, prompt_ids=ids[i * n], chosen_ids=c_ids,
                                             rejected_ids=r_ids))
         return pairs, cut
+
+
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+
+
+def excerpt(text: str, tokenizer, max_tokens: int) -> str | None:
+    """The text up to its last sentence end (., ! or ?, with closing quotes or brackets) whose prefix is at most
+    max_tokens tokens (a text that fits is returned whole); None when even the first sentence is longer."""
+    if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_tokens:
+        return text
+    best = None
+    for match in _SENTENCE_END.finditer(text):
+        if len(tokenizer(text[:match.end()], add_special_tokens=False)["input_ids"]) > max_tokens:
+            break
+        best = match.end()
+    return None if best is None else text[:best]
 
 
 def _reviews(data, split: str) -> list[str]:
