@@ -29,11 +29,22 @@ STYLE = {"dpo-family": ("Reds", "o"), "online-dpo": ("Purples", "v"), "ppo": ("B
 FALLBACK = ("Oranges", "x")
 
 
-def draw(runs, out: Path, title: str) -> None:
+def auto_max_kl(runs) -> float:
+    """The x-axis limit: 15% beyond the largest KL of any point whose samples are whole (not flagged), so one
+    collapsed point (KL in the hundreds, mostly cut samples) does not squeeze every other point into a corner."""
+    kls = [p["eval/kl"] for r in runs for p in r.points if not is_flagged(p)] or \
+        [p["eval/kl"] for r in runs for p in r.points]
+    return 1.15 * max(kls + [1e-3])
+
+
+def draw(runs, out: Path, title: str, max_kl: float | None = None) -> None:
     """One line per run through its evaluation points in training order, its last point enlarged; runs are
     named in a legend beside the axes (one shade per run within its family's colour), so no label sits on
-    the data and none overlaps another however close the points are."""
+    the data and none overlaps another however close the points are. Points beyond max_kl are drawn on the
+    right edge as an arrow head with their KL written beside it."""
     fig, ax = plt.subplots(figsize=(10, 5.5))
+    limit = auto_max_kl(runs) if max_kl is None else (max_kl or float("inf"))
+    beyond = []
     by_family: dict[str, list] = {}
     for run in sorted(runs, key=lambda r: (r.family, r.label)):
         by_family.setdefault(run.family, []).append(run)
@@ -42,8 +53,9 @@ def draw(runs, out: Path, title: str) -> None:
         cmap = matplotlib.colormaps[cmap_name]
         for i, run in enumerate(members):
             color = cmap(0.5 + 0.45 * (i / max(1, len(members) - 1)) if len(members) > 1 else 0.8)
-            xs = [p["eval/kl"] for p in run.points]
+            xs = [min(p["eval/kl"], limit) for p in run.points]
             ys = [p["eval/gold_reward"] for p in run.points]
+            beyond += [(limit, p["eval/gold_reward"], p["eval/kl"], color) for p in run.points if p["eval/kl"] > limit]
             ax.plot(xs, ys, color=color, linewidth=0.8, alpha=0.8)
             solid = [not is_flagged(p) for p in run.points]
             for keep, face in ((True, color), (False, "none")):  # hollow: too many samples cut at the cap
@@ -53,6 +65,11 @@ def draw(runs, out: Path, title: str) -> None:
                                label=run.label if keep == solid[0] else None)
             ax.scatter(xs[-1:], ys[-1:], facecolors=color if solid[-1] else "none", edgecolors="black", marker=marker,
                        s=60, linewidths=0.8, zorder=4)
+    for x, y, kl, color in beyond:
+        ax.scatter([x], [y], color=color, marker=">", s=70, zorder=6, edgecolors="black", linewidths=0.6)
+        ax.annotate(f"KL {kl:.0f} →", (x, y), textcoords="offset points", xytext=(-8, 6), ha="right", fontsize=7)
+    if beyond:
+        ax.set_xlim(right=limit * 1.02)
     refs = [p["eval/gold_reward_ref"] for r in runs for p in r.points if "eval/gold_reward_ref" in p]
     if refs:
         ax.scatter([0], [refs[0]], color="black", marker="*", s=140, zorder=5, label="π_SFT (= π_ref)")
@@ -74,11 +91,14 @@ def main() -> None:
     parser.add_argument("--wandb", help="read the runs of a W&B group instead: ENTITY/PROJECT/GROUP")
     parser.add_argument("-o", "--out", default="frontier.png", help="PNG to write")
     parser.add_argument("--title", default="Reward vs KL frontier", help="plot title")
+    parser.add_argument("--max-kl", type=float, default=None,
+                        help="x-axis limit; points beyond are drawn on the edge with their KL written (default: 15%% "
+                             "beyond the largest KL of a point with whole samples; 0: no limit)")
     args = parser.parse_args()
     if not args.runs and not args.wandb:
         parser.error("give run folders or --wandb")
     runs = read_wandb_group(args.wandb) if args.wandb else read_runs(args.runs)
-    draw(runs, Path(args.out), args.title)
+    draw(runs, Path(args.out), args.title, args.max_kl)
 
 
 if __name__ == "__main__":
