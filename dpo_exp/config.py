@@ -186,6 +186,9 @@ class TrainerConfig:
     log_every: int = 10
     save_every: Optional[int] = None
     save_final: bool = True
+    keep_checkpoints: int = 2
+    resume: bool = True
+    max_skipped_steps: int = 10
     device: str = "auto"
     precision: Precision = Precision.fp32
     show_progress: bool = True
@@ -290,13 +293,34 @@ class Config:
     reward_model: RewardModelSection = field(default_factory=RewardModelSection)
     online_dpo: OnlineDPOSection = field(default_factory=OnlineDPOSection)
     experiment_name: str = "default"
+    run_name: Optional[str] = None
     seed: int = 0
     objective: str = "auto"
 
 
 def register_configs() -> None:
-    """Register the top-level schema; conf/config.yaml lists it first in its defaults."""
+    """Register the top-level schema (conf/config.yaml lists it first in its defaults) and the run-directory
+    resolver."""
     ConfigStore.instance().store(name="config_schema", node=Config)
+    if not OmegaConf.has_resolver("dpo_exp.run_dir"):
+        OmegaConf.register_new_resolver("dpo_exp.run_dir", run_dir_name, use_cache=True)
+
+
+def run_dir_name(run_name: Optional[str], experiment_name: str) -> str:
+    """A single run's folder under outputs/runs/, the same for every rank and every restart where it can be:
+    run_name when given (rerunning the same command then resumes); else the SLURM job id (stable across
+    requeues) or torchrun's rendezvous id (shared by all ranks); else the start time."""
+    if run_name:
+        return str(run_name)
+    env = os.environ
+    if env.get("SLURM_JOB_ID"):
+        job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_JOB_ID")
+               else env["SLURM_JOB_ID"])
+        return f"slurm-{job}_{experiment_name}"
+    if env.get("TORCHELASTIC_RUN_ID") and int(env.get("WORLD_SIZE", "1")) > 1:
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}_{experiment_name}"
+    import datetime
+    return datetime.datetime.now().strftime(f"%Y-%m-%d/%H-%M-%S_{experiment_name}")
 
 
 class ConfigError(ValueError):

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -63,6 +64,20 @@ class FileSink:
             self._samples.write(json.dumps({"table": name, "step": step, **dict(zip(columns, map(_plain, row)))}) + "\n")
         self._samples.flush()
 
+    def rewind(self, step: int) -> None:
+        """Keep only the rows of steps <= step (what a checkpoint at `step` had seen), so a resumed run's files
+        continue without duplicated or missing steps."""
+        for name in ("metrics", "samples"):
+            handle = getattr(self, f"_{name}")
+            handle.close()
+            path = self.run_dir / f"{name}.jsonl"
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+            setattr(self, f"_{name}", open(path, "a"))
+
     def summary(self, summary: dict) -> None:
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps({k: _plain(v) for k, v in summary.items()}, indent=2, sort_keys=True))
@@ -86,10 +101,14 @@ class WandbSink:
             # no key: never block on a login prompt; keep a syncable offline run instead
             print("[dpo_exp] no W&B API key found; logging offline (sync later with `wandb sync`)")
             mode = "offline"
+        # One W&B run per run directory: a resumed run (same directory) continues the same W&B run id.
+        id_file = Path(run_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, mode=mode, group=cfg.group or group, tags=list(cfg.tags),
-            name=name, dir=str(cfg.dir or run_dir), config=config, reinit="finish_previous",
-            settings=wandb.Settings(console="off", silent=True))
+            name=name, dir=str(cfg.dir or run_dir), config=config, reinit="finish_previous", id=run_id,
+            resume="allow", settings=wandb.Settings(console="off", silent=True))
         for split in ("train", "eval"):
             self.run.define_metric(f"{split}/*", step_metric="step")
 
@@ -130,6 +149,12 @@ class RunLogger:
     def summary(self, summary: dict) -> None:
         for sink in self.sinks:
             sink.summary(summary)
+
+    def rewind(self, step: int) -> None:
+        """A resumed run continues from `step`: sinks that can drop what was logged after it do so."""
+        for sink in self.sinks:
+            if hasattr(sink, "rewind"):
+                sink.rewind(step)
 
     def finish(self) -> None:
         for sink in self.sinks:

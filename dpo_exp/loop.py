@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,9 +27,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpo_exp.algorithms.base import Algorithm, Experience
-from dpo_exp.config import OptimizerConfig, OptimizerName, Schedule
+from dpo_exp import checkpoint
+from dpo_exp.config import ConfigError, OptimizerConfig, OptimizerName, Schedule
 from dpo_exp.evaluation import EVAL_TABLE, SWEEP_COLUMNS, TABLE_COLUMNS
-from dpo_exp.loggers import RunLogger, progress
+from dpo_exp.loggers import RunLogger, console, progress
 
 Evaluate = Callable[[Any, int], tuple[dict, dict]]  # (model, step) -> (metrics, tables)
 
@@ -41,6 +44,9 @@ class LoopSettings:
     log_every: int = 10               # iterations per logged window of train metrics
     save_every: Optional[int] = None  # iterations between checkpoints; None: only the final one
     save_final: bool = True           # save checkpoints/final
+    keep_checkpoints: int = 2         # newest step checkpoints kept (final is always kept); 0 keeps all
+    resume: bool = False              # continue from the newest complete checkpoint in output_dir/checkpoints
+    max_skipped_steps: int = 10       # optimizer steps skipped for a non-finite loss or grad norm before stopping
     show_progress: bool = True        # progress bar with ETA
     count_flops: bool = True          # count executed FLOPs (torch FlopCounterMode)
 
@@ -94,6 +100,54 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Sche
     return 0.5 * (1.0 + math.cos(math.pi * progress_))
 
 
+class Preempted(Exception):
+    """SIGTERM / SIGUSR1 arrived: the current iteration finished and a checkpoint was written."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        super().__init__(f"{signal_name} received: stopped after step {step}, checkpoint {checkpoint}; rerun the "
+                         "same command to resume")
+
+
+class Diverged(Exception):
+    """More optimizer steps were skipped for a non-finite loss or gradient norm than trainer.max_skipped_steps."""
+
+    def __init__(self, record: dict):
+        self.record = record
+        first = record["first"]
+        super().__init__(
+            f"training diverged: {record['skipped_steps']} optimizer steps skipped for a non-finite value, more than "
+            f"trainer.max_skipped_steps={record['max_skipped_steps']} (first at step {first['step']}: "
+            f"{first['metric']}={first['value']}; last at step {record['last']['step']}: {record['last']['metric']}="
+            f"{record['last']['value']}); last good checkpoint: {record['checkpoint'] or 'none (trainer.save_every)'}."
+            " Lower the learning rate or clip the gradient harder (optimizer.max_grad_norm)")
+
+
+class StopSignals:
+    """Records SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) instead of dying, so the
+    loop can finish its iteration and checkpoint; the handlers that were there before come back on exit."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
 class Trained:
     """One model the loop optimises: its optimizer, schedule and clipping."""
 
@@ -106,14 +160,21 @@ class Trained:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, total_steps, schedule))
 
-    def step(self) -> tuple[float, float]:
-        """Clip, step, advance the schedule; returns the grad norm before clipping and the lr used."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
+    def clip(self) -> float:
+        """Clip the gradient in place; returns its norm before clipping (non-finite when the gradient is)."""
+        return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf")).item()
+
+    def step(self) -> float:
+        """Step the optimizer and the schedule; returns the lr used."""
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.item(), lr
+        return lr
+
+    def skip(self) -> None:
+        """Drop this step's gradient: no update, the schedule stays where it is."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def metric_name(self, what: str) -> str:
         return self.prefix + what
@@ -121,14 +182,17 @@ class Trained:
 
 class Loop:
     def __init__(self, algorithm: Algorithm, settings: LoopSettings, logger: RunLogger, output_dir: Path,
-                 evaluate: Optional[Evaluate] = None, tokenizer=None, label: str = "train"):
+                 evaluate: Optional[Evaluate] = None, tokenizer=None, label: str = "train",
+                 run_config: Optional[dict] = None):
         self.algorithm = algorithm
         self.settings = settings
         self.logger = logger
         self.output_dir = Path(output_dir)
+        self.checkpoints = self.output_dir / "checkpoints"
         self.evaluate_fn = evaluate
         self.tokenizer = tokenizer
         self.label = label
+        self.run_config = run_config         # written into checkpoints; a resume must match it
         self.iterations = algorithm.iterations()
         total_steps = self.iterations * algorithm.steps_per_iteration()
         self.trained = [Trained(name, module, opt_cfg, total_steps, primary=i == 0)
@@ -138,10 +202,16 @@ class Loop:
         self.flops = 0
         self.train_seconds = 0.0             # wall-clock of training, evaluation and saving excluded
         self.last_eval: dict = {}
+        self.resumed_from: Optional[Path] = None
+        self.skipped: list[dict] = []        # optimizer steps skipped for a non-finite value
+        self.last_checkpoint: Optional[Path] = None
+        self._window: list[dict] = []        # iterations since the last train log, and their throughput
+        self._window_counts = [0, 0, 0.0]    # examples, tokens, seconds
 
     # ---- one optimizer step -----------------------------------------------------------------
-    def optimizer_step(self, step_batch) -> dict[str, tuple[float, float]]:
-        """Forward and backward over the micro-batches of one step, then clip and step every model."""
+    def optimizer_step(self, step_batch) -> Optional[dict[str, tuple[float, float]]]:
+        """Forward and backward over the micro-batches of one step, then clip and step every model. A step whose
+        loss or gradient norm is not finite updates nothing and returns None (counted in self.skipped)."""
         algo = self.algorithm
         k = min(self.settings.grad_accumulation_steps, len(step_batch))
         micro = [step_batch.select(rows) for rows in np.array_split(np.arange(len(step_batch)), k)]
@@ -156,10 +226,17 @@ class Loop:
                 acc = sums.setdefault(key, [0.0, 0.0])
                 acc[0] += float(total)
                 acc[1] += count
+        norms = {model.metric_name("grad_norm"): model.clip() for model in self.trained}  # before clipping
+        bad = next(((name, value) for name, value in [("loss", sums["loss"][0]), *norms.items()]
+                    if not math.isfinite(value)), None)
+        if bad is not None:
+            for model in self.trained:
+                model.skip()
+            self.skipped.append({"step": self.step + 1, "metric": f"{self.label}/{bad[0]}", "value": str(bad[1])})
+            return None
         for model in self.trained:
-            grad_norm, lr = model.step()
-            sums[model.metric_name("grad_norm")] = [grad_norm, 1.0]  # before clipping
-            sums[model.metric_name("learning_rate")] = [lr, 1.0]
+            sums[model.metric_name("grad_norm")] = [norms[model.metric_name("grad_norm")], 1.0]
+            sums[model.metric_name("learning_rate")] = [model.step(), 1.0]
         return {k: (v[0], v[1]) for k, v in sums.items()}
 
     def train_iteration(self) -> tuple[dict, float, Experience]:
@@ -174,7 +251,7 @@ class Loop:
         sums: dict[str, list[float]] = {}
         with count_flops(self.settings.count_flops) as counter:
             for step_batch in experience.steps:
-                for key, (total, count) in self.optimizer_step(step_batch).items():
+                for key, (total, count) in (self.optimizer_step(step_batch) or {}).items():
                     acc = sums.setdefault(key, [0.0, 0.0])
                     acc[0] += total
                     acc[1] += count
@@ -189,45 +266,61 @@ class Loop:
         self.train_seconds += seconds
         self.algorithm.end_iteration(metrics)
         self.step += 1
+        if len(self.skipped) > self.settings.max_skipped_steps:
+            raise Diverged({"skipped_steps": len(self.skipped), "max_skipped_steps": self.settings.max_skipped_steps,
+                            "first": self.skipped[0], "last": self.skipped[-1],
+                            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None})
         return metrics, seconds, experience
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict:
         for model in self.trained:
             model.module.train()
-        if self.evaluate_fn is not None and self.settings.eval_at_start:
+        if self.settings.resume:
+            self.restore()
+        if self.evaluate_fn is not None and self.settings.eval_at_start and self.resumed_from is None:
             self.evaluate()
-        window: list[dict] = []
-        examples, tokens, window_seconds = 0, 0, 0.0
-        unit = self.algorithm.unit
-        with progress(self.iterations, self.label, self.settings.show_progress) as bar:
+        with StopSignals() as stop, progress(self.iterations, self.label, self.settings.show_progress) as bar:
+            bar.update(self.step)
             while self.step < self.iterations:
-                metrics, seconds, experience = self.train_iteration()
-                window.append(metrics)
-                window_seconds += seconds
-                examples += experience.examples
-                tokens += experience.tokens
-                bar.update(1)
-                bar.set_postfix(**{k: f"{metrics[k]:.4g}" for k in ("loss", "reward", "kl") if k in metrics},
-                                refresh=False)
-                last = self.step == self.iterations
-                if self.step % self.settings.log_every == 0 or last:
-                    keys = dict.fromkeys(k for m in window for k in m)
-                    logged = {f"{self.label}/{k}": float(np.mean([m[k] for m in window if k in m])) for k in keys}
-                    logged.update({f"{self.label}/{k}": float(v) for k, v in experience.counters.items()})  # last value
-                    logged[f"{self.label}/flops"] = float(self.flops)        # cumulative
-                    logged[f"{self.label}/seconds"] = self.train_seconds    # cumulative training wall-clock
-                    logged[f"{self.label}/{unit}_per_second"] = examples / max(window_seconds, 1e-9)
-                    logged[f"{self.label}/tokens_per_second"] = tokens / max(window_seconds, 1e-9)
-                    self.logger.log(logged, self.step)
-                    window, examples, tokens, window_seconds = [], 0, 0, 0.0
-                if self.evaluate_fn is not None and (self.step % self.settings.eval_every == 0 or last):
-                    self.evaluate()
-                if self.settings.save_every and self.step % self.settings.save_every == 0 and not last:
-                    self.save_checkpoint(self.output_dir / "checkpoints" / f"step_{self.step}")
-        if self.settings.save_final:
-            self.save_checkpoint(self.output_dir / "checkpoints" / "final")
+                self.run_iteration(bar)
+                if stop.received and self.step < self.iterations:  # after the last step, finishing is quicker
+                    path = self.checkpoints / f"step_{self.step}"
+                    if self.last_checkpoint != path:
+                        self.save_checkpoint(path)
+                    raise Preempted(stop.received, self.step, path)
+        if self.settings.save_final and self.resumed_from != self.checkpoints / "final":
+            self.save_checkpoint(self.checkpoints / "final", final=True)
         return self.last_eval
+
+    def run_iteration(self, bar) -> None:
+        """One iteration, then what falls due after it: the train log, an evaluation, a checkpoint."""
+        metrics, seconds, experience = self.train_iteration()
+        self._window.append(metrics)
+        counts = self._window_counts
+        counts[0] += experience.examples
+        counts[1] += experience.tokens
+        counts[2] += seconds
+        bar.update(1)
+        bar.set_postfix(**{k: f"{metrics[k]:.4g}" for k in ("loss", "reward", "kl") if k in metrics}, refresh=False)
+        last = self.step == self.iterations
+        if self.step % self.settings.log_every == 0 or last:
+            window = self._window
+            keys = dict.fromkeys(k for m in window for k in m)
+            logged = {f"{self.label}/{k}": float(np.mean([m[k] for m in window if k in m])) for k in keys}
+            logged.update({f"{self.label}/{k}": float(v) for k, v in experience.counters.items()})  # last value
+            logged[f"{self.label}/flops"] = float(self.flops)        # cumulative
+            logged[f"{self.label}/seconds"] = self.train_seconds    # cumulative training wall-clock
+            logged[f"{self.label}/{self.algorithm.unit}_per_second"] = counts[0] / max(counts[2], 1e-9)
+            logged[f"{self.label}/tokens_per_second"] = counts[1] / max(counts[2], 1e-9)
+            if self.skipped:
+                logged[f"{self.label}/skipped_steps"] = float(len(self.skipped))  # cumulative
+            self.logger.log(logged, self.step)
+            self._window, self._window_counts = [], [0, 0, 0.0]
+        if self.evaluate_fn is not None and (self.step % self.settings.eval_every == 0 or last):
+            self.evaluate()
+        if self.settings.save_every and self.step % self.settings.save_every == 0 and not last:
+            self.save_checkpoint(self.checkpoints / f"step_{self.step}")
 
     def evaluate(self) -> dict:
         """One evaluation, logged with the cost of reaching it (for frontiers and compute comparisons)."""
@@ -243,23 +336,44 @@ class Loop:
         self.last_eval = {"step": self.step, **metrics}
         return self.last_eval
 
-    def save_checkpoint(self, path: Path) -> None:
-        """The run's model in Hugging Face format (save_pretrained), other trained models in sub-folders
-        (e.g. value/), and trainer_state.pt: optimizers, schedules, the algorithm's state, RNG state."""
-        if not self.logger.is_main:
+    # ---- checkpoints ------------------------------------------------------------------------
+    def loop_state(self) -> dict:
+        return {"step": self.step, "flops": int(self.flops), "train_seconds": self.train_seconds,
+                "last_eval": self.last_eval, "skipped": self.skipped, "window": self._window,
+                "window_counts": self._window_counts, "algorithm": self.algorithm.state_dict()}
+
+    def save_checkpoint(self, path: Path, final: bool = False) -> None:
+        """A resumable checkpoint (dpo_exp.checkpoint); `final` also exports the run's model in Hugging Face
+        format (save_pretrained, with the tokenizer) and other trained models in sub-folders (e.g. value/)."""
+        def export(folder: Path) -> None:
+            for i, model in enumerate(self.trained):
+                model.module.save_pretrained(folder if i == 0 else folder / model.name)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(folder)
+
+        checkpoint.save(path, self.trained, self.loop_state(), self.run_config, export if final else None)
+        self.last_checkpoint = path
+        checkpoint.prune(self.checkpoints, self.settings.keep_checkpoints)
+
+    def restore(self) -> None:
+        """Continue from the newest complete checkpoint, if there is one, after checking that it was written by
+        this run's config; metrics.jsonl and samples.jsonl are cut back to what that checkpoint had seen."""
+        path = checkpoint.latest(self.checkpoints)
+        if path is None:
             return
-        path.mkdir(parents=True, exist_ok=True)
-        state: dict[str, Any] = {"step": self.step, "algorithm": self.algorithm.state_dict(),
-                                 "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                                 "python_rng": random.getstate()}
-        for i, model in enumerate(self.trained):
-            if i == 0:
-                model.module.save_pretrained(path)
-                if self.tokenizer is not None:
-                    self.tokenizer.save_pretrained(path)
-                state["optimizer"], state["scheduler"] = model.optimizer.state_dict(), model.scheduler.state_dict()
-            else:
-                model.module.save_pretrained(path / model.name)
-                state[f"{model.name}_optimizer"] = model.optimizer.state_dict()
-                state[f"{model.name}_scheduler"] = model.scheduler.state_dict()
-        torch.save(state, path / "trainer_state.pt")
+        saved = checkpoint.saved_config(path)
+        if self.run_config is not None and saved is not None:
+            diff = checkpoint.config_differences(saved, self.run_config)
+            if diff:
+                raise ConfigError(
+                    f"{path} was written by a run whose config differs from this one in: {'; '.join(diff)}. "
+                    "Rerun with the same config to resume, or start a new run elsewhere (run_name=..., or "
+                    "trainer.resume=false to refuse resuming)")
+        state = checkpoint.load(path, self.trained)
+        self.step, self.flops, self.train_seconds = state["step"], state["flops"], state["train_seconds"]
+        self.last_eval, self.skipped = state["last_eval"], state["skipped"]
+        self._window, self._window_counts = state["window"], state["window_counts"]
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.logger.rewind(self.step)
+        self.resumed_from = self.last_checkpoint = path
+        console(f"resuming from {path} (step {self.step} of {self.iterations})")

@@ -97,7 +97,8 @@ def train_sft(cfg, task, out: Path) -> None:
     stage = stage_config(cfg, "sft", s.optimizer, batch_size=s.batch_size, epochs=s.epochs, max_steps=s.max_steps)
     algorithm = algorithm_class("sft")("sft", stage, Resources(stage, tokenizer, device, policy=model,
                                                                train_pairs=examples))
-    settings = LoopSettings.from_trainer(stage.trainer, log_every=10, save_final=False, eval_at_start=False)
+    settings = LoopSettings.from_trainer(stage.trainer, log_every=10, save_final=False, eval_at_start=False,
+                                         save_every=None, resume=False)  # a cache stage is rebuilt whole
     logger = RunLogger([FileSink(out)])
     try:
         Loop(algorithm, settings, logger, out, label="sft").fit()
@@ -164,7 +165,8 @@ def reward_model_dir(cfg, prep) -> Path:
                                                               train_pairs=prep.train_tok))
         precision = str(cfg.trainer.precision)
         evaluate = RewardModelEvaluator(prep.eval_tok, tok.pad_token_id, cfg.trainer.eval_batch_size, precision)
-        settings = LoopSettings.from_trainer(stage.trainer, eval_every=r.eval_every, log_every=10,
+        settings = LoopSettings.from_trainer(stage.trainer, eval_every=r.eval_every, log_every=10, save_every=None,
+                                             resume=False,
                                              eval_at_start=False, save_final=False)
         logger = RunLogger([FileSink(out)])
         try:

@@ -8,6 +8,7 @@ Returns the configured objective for Hydra sweepers.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +21,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
+from dpo_exp import checkpoint
 from dpo_exp.algorithms import Needs, Resources
 from dpo_exp.config import ConfigError, algorithm_of, register_configs, validate
 from dpo_exp.data import prompt_token_ids, tokenize_dataset
 from dpo_exp.evaluation import EvalPrompts, Evaluator
 from dpo_exp.loggers import FileSink, RunLogger, WandbSink, is_main_process
-from dpo_exp.loop import Loop, LoopSettings, seed_everything
+from dpo_exp.loop import Diverged, Loop, LoopSettings, Preempted, seed_everything
 from dpo_exp.models import (AdapterDisabled, ScalarHeadModel, apply_lora, find_blocks, freeze, load_model,
                             load_tokenizer, make_value_model, resolve_device, torch_dtype)
 from dpo_exp.reference import Reference
@@ -172,11 +174,30 @@ def train_algorithm(cfg, prep: Prepared, logger: RunLogger) -> dict:
     algorithm = cls(str(cfg.loss.name), cfg, res)
     output_dir = Path(cfg.paths.output_dir)
     loop = Loop(algorithm, LoopSettings.from_trainer(cfg.trainer, **cls.loop_overrides(cfg)), logger, output_dir,
-                evaluate=build_evaluator(cfg, prep, algorithm, res.reference), tokenizer=prep.tokenizer)
-    final = loop.fit()
+                evaluate=build_evaluator(cfg, prep, algorithm, res.reference), tokenizer=prep.tokenizer,
+                run_config=run_config(cfg))
+    try:
+        final = loop.fit()
+    except Diverged as err:  # the run stops; its summary says where and why
+        return {**loop.last_eval, "steps": loop.step, "status": "diverged", "diverged": err.record, "error": str(err)}
     if res.policy is not None:
         save_merged_lora(cfg, res.policy, prep.tokenizer, output_dir)
-    return {**final, "steps": loop.step}
+    return {**final, "steps": loop.step, "status": "complete", "skipped_steps": len(loop.skipped),
+            **({"resumed_from": str(loop.resumed_from)} if loop.resumed_from else {})}
+
+
+def run_config(cfg) -> dict:
+    """The resolved config, as written into checkpoints and compared on resume."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def check_resume(cfg) -> None:
+    """trainer.resume=false refuses to continue a run: a run directory that already holds checkpoints is an
+    error, never silently trained over."""
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    if not cfg.trainer.resume and checkpoint.latest(folder) is not None:
+        raise ConfigError(f"{folder} holds checkpoints of an earlier run and trainer.resume=false: pick another "
+                          "run directory (run_name=...) or resume it (trainer.resume=true)")
 
 
 def report_cached_stage(cfg, prep: Prepared, logger: RunLogger) -> dict:
@@ -190,6 +211,7 @@ def report_cached_stage(cfg, prep: Prepared, logger: RunLogger) -> dict:
 def run(cfg: DictConfig) -> dict:
     """One experiment, end to end; returns its summary (final evaluation and bookkeeping)."""
     validate(cfg)
+    check_resume(cfg)
     started = time.perf_counter()
     seed_everything(cfg.seed)
     prep = prepare(cfg)
@@ -207,7 +229,21 @@ def run(cfg: DictConfig) -> dict:
     finally:
         logger.finish()
     print_summary(summary, cfg, cls)
+    if summary.get("status") == "diverged":
+        raise RunStopped(summary["error"], exit_code=1)
     return summary
+
+
+class RunStopped(Exception):
+    """The run stopped before its end on purpose (diverged, preempted); the message says why, exit_code is the
+    process status the command ends with."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the checkpoint is written; requeue the same command to resume
 
 
 def summary_lines(summary: dict, cfg, algorithm) -> list[str]:
@@ -237,7 +273,16 @@ def print_summary(summary: dict, cfg, algorithm) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except Preempted as err:  # the whole process stops, a sweep too; rerunning it resumes each job where it was
+        print(f"[dpo_exp] {err}", flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except RunStopped as err:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        print(f"[dpo_exp] {err}", flush=True)
+        sys.exit(err.exit_code)
     objective = cfg.objective
     if objective == "auto":  # the gold reward where the task has one, else held-out preference accuracy
         objective = next((k for k in ("eval/gold_reward", "eval/rewards/accuracies", "eval/accuracy") if k in summary),

@@ -292,8 +292,10 @@ def test_ppo_raises_gold_reward_on_a_tiny_task(tmp_path):
     assert rows[-1]["train/episodes"] == 16 * 32 and rows[-1]["train/flops"] > rows[0]["train/flops"] > 0
     assert (tmp_path / "checkpoints" / "final" / "config.json").exists()
     assert (tmp_path / "checkpoints" / "final" / "value" / "score_head.safetensors").exists()
-    state = torch.load(tmp_path / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 16 and state["value_optimizer"]["state"] and state["algorithm"]["episodes"] == 16 * 32
+    state = torch.load(tmp_path / "checkpoints" / "final" / "trainer_state.pt", weights_only=True)
+    assert state["loop"]["step"] == 16 and state["loop"]["algorithm"]["episodes"] == 16 * 32
+    assert set(state["schedulers"]) == {"policy", "value"}
+    assert (tmp_path / "checkpoints" / "final" / "state" / ".metadata").exists()  # models + optimizers (DCP)
 
 
 def test_ppo_adaptive_kl_with_reward_model_scorer_and_reference_object(tmp_path):

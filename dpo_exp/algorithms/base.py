@@ -178,7 +178,13 @@ class Algorithm(ABC):
         """After the iteration's updates (e.g. PPO's KL controller)."""
 
     def state_dict(self) -> dict:
+        """What the algorithm changes as it runs, beyond the trained models (PPO's KL controller, prompt order):
+        plain tensors, numbers, lists and dicts, saved in every checkpoint."""
         return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned, on resume."""
+        del state
 
     # ---- evaluation on held-out pairs -------------------------------------------------------
     def pair_loss(self, policy, reference) -> Optional[StepOutput]:

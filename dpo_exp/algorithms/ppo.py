@@ -238,5 +238,11 @@ class PPO(Algorithm):
         self.kl_ctl.update(metrics["kl"], self.p.rollout_batch_size)
 
     def state_dict(self) -> dict:
-        return {"kl_coef": self.kl_ctl.value, "episodes": self.episodes, "generator": self.generator.get_state()}
+        return {"kl_coef": self.kl_ctl.value, "episodes": self.episodes, "generator": self.generator.get_state(),
+                "prompt_order": list(self._prompt_order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_ctl.value, self.episodes = float(state["kl_coef"]), int(state["episodes"])
+        self.generator.set_state(state["generator"])
+        self._prompt_order = list(state["prompt_order"])
 
