@@ -6,8 +6,10 @@ current policy, which PPO turns into epochs × minibatches of optimizer steps), 
 optimizer step: the step's data is cut into `grad_accumulation_steps` micro-batches, each
 micro-batch's summed loss is divided by the normaliser of the WHOLE step (pairs, or tokens),
 so k micro-batches give exactly the gradient of one batch of their union; then every trained
-model is clipped and stepped with its own optimizer and schedule. The loop also owns the
-evaluation cadence, checkpoints, FLOP and wall-clock accounting, the progress bar and logging.
+model is clipped and stepped with its own optimizer and schedule; a step whose loss or gradient
+norm is not finite is skipped whole and counted. The loop also owns the evaluation cadence,
+resumable checkpoints (dpo_exp.checkpoint) and resuming from them, SIGTERM/SIGUSR1 (checkpoint,
+then stop), FLOP and wall-clock accounting, the progress bar and logging.
 It knows no algorithm by name.
 """
 from __future__ import annotations
