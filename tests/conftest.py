@@ -22,21 +22,27 @@ def one_thread_for_tiny_models():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def tiny_lm():
-    """A 2-layer Llama in float64 with a perturbed copy as policy, so policy ≠ reference."""
+def perturbed_llama_pair(vocab_size: int, num_layers: int, max_positions: int, noise: float):
+    """A float64 Llama (pad 0, BOS 1, EOS 2) as reference and a copy with Gaussian noise added to every weight as
+    policy, so policy ≠ reference by an amount the test chooses."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     ref = LlamaForCausalLM(config).double().eval()
     policy = copy.deepcopy(ref)
     with torch.no_grad():
         for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(noise * torch.randn_like(p))
     return policy, ref
+
+
+@pytest.fixture
+def tiny_lm():
+    """A 2-layer Llama in float64 with a perturbed copy as policy, so policy ≠ reference."""
+    return perturbed_llama_pair(vocab_size=32, num_layers=2, max_positions=64, noise=0.05)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 The KL estimate eval/kl is checked against the exact KL between a tiny policy's and reference's
 response distributions, computed by enumerating every response the length cap allows.
 """
-import copy
 import itertools
 import math
 from types import SimpleNamespace
@@ -24,18 +23,9 @@ PROMPT = [BOS, 3]
 
 @pytest.fixture(scope="module")
 def policy_and_reference():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import perturbed_llama_pair
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-                         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
-    reference = LlamaForCausalLM(config).double().eval()
-    policy = copy.deepcopy(reference)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.4 * torch.randn_like(p))
-    return policy, reference
+    return perturbed_llama_pair(vocab_size=VOCAB, num_layers=1, max_positions=16, noise=0.4)
 
 
 def every_response():
