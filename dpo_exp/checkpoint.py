@@ -30,9 +30,10 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from dpo_exp.distributed import barrier, rank
 
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "run_config.json"
@@ -40,17 +41,9 @@ _STEP_DIR = re.compile(r"step_(\d+)$")
 # Keys that may differ between the run that wrote a checkpoint and the run resuming it: where files and
 # logs go, and how the run is watched or checkpointed, never what it computes.
 RESUMABLE_CHANGES = ("paths.", "logger.", "objective", "run_name", "trainer.resume", "trainer.show_progress",
-                     "trainer.save_every", "trainer.keep_checkpoints", "trainer.max_skipped_steps")
+                     "trainer.save_every", "trainer.keep_checkpoints", "trainer.max_skipped_steps",
+                     "trainer.fsdp.")  # how a run is sharded: a run saved by 2 processes resumes in 1
 _DCP_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # frozen weights (LoRA's base) come from π_SFT
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ---- random generators -------------------------------------------------------------------------
@@ -128,7 +121,8 @@ def _dcp_state(trained: Iterable) -> dict:
 
 
 def save(path: Path, trained: list, loop_state: dict, run_config: Optional[dict], export=None) -> None:
-    """Write a checkpoint at `path` atomically. `export(folder)` (rank 0) adds the Hugging Face files."""
+    """Write a checkpoint at `path` atomically (every rank calls it). `export(folder)`, called on every rank,
+    adds the Hugging Face files (written by rank 0)."""
     tmp = path.parent / f".tmp_{path.name}"
     main = rank() == 0
     if main:
@@ -140,14 +134,14 @@ def save(path: Path, trained: list, loop_state: dict, run_config: Optional[dict]
         dcp.save(_dcp_state(trained), checkpoint_id=str(tmp / "state"))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank()}.pt")
+    if export is not None:
+        export(tmp)  # every rank: gathering a sharded model's full weights is collective; rank 0 writes
     barrier()
     if main:
         schedules = {model.name: model.scheduler.state_dict() for model in trained}
         torch.save({"loop": loop_state, "schedulers": schedules}, tmp / STATE_FILE)
         if run_config is not None:
             (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=1, sort_keys=True, default=str))
-        if export is not None:
-            export(tmp)
         if path.exists():  # re-saving final: the old one stays usable until the new one is in place
             old = path.parent / f".old_{path.name}"
             shutil.rmtree(old, ignore_errors=True)

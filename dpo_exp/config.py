@@ -175,6 +175,15 @@ class ReferenceConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """How FSDP2 shards models when the run has more than one process (torchrun); ignored otherwise."""
+    reshard_after_forward: bool = True
+    mixed_precision: bool = True
+    cpu_offload: bool = False
+    timeout_minutes: float = 60.0
+
+
+@dataclass
 class TrainerConfig:
     batch_size: int = 64
     grad_accumulation_steps: int = 1
@@ -193,6 +202,7 @@ class TrainerConfig:
     precision: Precision = Precision.fp32
     show_progress: bool = True
     count_flops: bool = True
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass
@@ -317,8 +327,12 @@ def run_dir_name(run_name: Optional[str], experiment_name: str) -> str:
         job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_JOB_ID")
                else env["SLURM_JOB_ID"])
         return f"slurm-{job}_{experiment_name}"
-    if env.get("TORCHELASTIC_RUN_ID") and int(env.get("WORLD_SIZE", "1")) > 1:
-        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}_{experiment_name}"
+    if int(env.get("WORLD_SIZE", "1")) > 1 and env.get("TORCHELASTIC_RUN_ID"):
+        run_id = env["TORCHELASTIC_RUN_ID"]
+        if run_id == "none":  # torchrun without --rdzv-id or --standalone: the node's agent process names it
+            import socket
+            run_id = f"{socket.gethostname()}-{os.getppid()}"
+        return f"torchrun-{run_id}_{experiment_name}"
     import datetime
     return datetime.datetime.now().strftime(f"%Y-%m-%d/%H-%M-%S_{experiment_name}")
 

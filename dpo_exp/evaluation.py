@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from dpo_exp import distributed
 from dpo_exp.algorithms.base import mean_metric
 from dpo_exp.models import PairLogps
 from dpo_exp.data import TokenizedPair, collate_pairs
@@ -92,29 +93,30 @@ class Evaluator:
         use_ref = self.reference is not None
         if use_ref and not self.reference.has_table("eval"):
             self.reference.precompute("eval", self.pairs, self.tokenizer.pad_token_id, self.batch_size)
-        loss_sum, normaliser, values = 0.0, 0.0, {}
-        for start in range(0, len(self.pairs), self.batch_size):
-            batch = collate_pairs(self.pairs[start:start + self.batch_size], self.tokenizer.pad_token_id)
+        values: dict[str, list[float]] = {}  # [total, count]; under torchrun each rank sums its share of the pairs
+        for rows, real in distributed.shared_batches(len(self.pairs), self.batch_size):
+            batch = collate_pairs([self.pairs[i] for i in rows], self.tokenizer.pad_token_id)
             with autocast(device, self.precision):
                 seq = sequence_logps(policy, batch)
             pol = PairLogps.split(seq, with_rejected=True)
             ref = self.reference.pair_logps(batch, True, table="eval").to(device) if use_ref else None
             out = self.algorithm.pair_loss(pol, ref)
+            if not real:  # a stand-in batch of a rank with no pairs left: it ran the passes, it adds nothing
+                continue
             pair_metrics = {"logps/chosen": mean_metric(pol.chosen), "logps/rejected": mean_metric(pol.rejected)}
             if ref is not None:
                 chosen_ratio, rejected_ratio = pol.chosen - ref.chosen, pol.rejected - ref.rejected
                 pair_metrics["log_ratio_accuracy"] = mean_metric((chosen_ratio > rejected_ratio).float())
             if out is not None:
-                loss_sum += out.loss.sum().item()
-                normaliser += self.algorithm.normaliser(batch).item()
+                pair_metrics["loss"] = (out.loss.sum().item(), self.algorithm.normaliser(batch).item())
                 pair_metrics.update(out.metrics)
             for key, (total, count) in pair_metrics.items():
                 acc = values.setdefault(key, [0.0, 0.0])
                 acc[0] += float(total)
                 acc[1] += count
-        metrics = {"eval/loss": loss_sum / normaliser} if normaliser else {}
-        metrics.update({f"eval/{k}": total / count for k, (total, count) in values.items() if count})
-        return metrics
+        if distributed.world_size() > 1:
+            values = distributed.merge_sums(distributed.gather_objects(values))
+        return {f"eval/{k}": total / count for k, (total, count) in values.items() if count}
 
     def _sample(self, model, temperature: Optional[float] = None) -> Samples:
         g = self.generation

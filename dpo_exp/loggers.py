@@ -14,11 +14,13 @@ from typing import Any, Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from dpo_exp.distributed import is_main
+
 
 def is_main_process() -> bool:
-    """Whether this process writes files, prints, logs and builds cache entries: the one place that
-    decides it (rank 0 of a torchrun job; always true for a single process)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Whether this process writes files, prints, logs and builds cache entries (rank 0 of a torchrun job;
+    always true for a single process); dpo_exp.distributed.is_main decides it."""
+    return is_main()
 
 
 def console(message: str) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpo_exp.algorithms.base import Algorithm, Experience
-from dpo_exp import checkpoint
+from dpo_exp import checkpoint, distributed
 from dpo_exp.config import ConfigError, OptimizerConfig, OptimizerName, Schedule
 from dpo_exp.evaluation import EVAL_TABLE, SWEEP_COLUMNS, TABLE_COLUMNS
 from dpo_exp.loggers import RunLogger, console, progress
@@ -103,10 +103,11 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Sche
 
 
 class Preempted(Exception):
-    """SIGTERM / SIGUSR1 arrived: the current iteration finished and a checkpoint was written."""
+    """SIGTERM / SIGUSR1 / SIGUSR2 arrived: the current iteration finished and a checkpoint was written.
+    `forward`, when set, runs the handler that was installed before the loop's (submitit's requeue)."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: Path):
-        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+    def __init__(self, signal_name: str, step: int, checkpoint: Path, forward: Optional[Callable[[], None]] = None):
+        self.signal_name, self.step, self.checkpoint, self.forward = signal_name, step, checkpoint, forward
         super().__init__(f"{signal_name} received: stopped after step {step}, checkpoint {checkpoint}; rerun the "
                          "same command to resume")
 
@@ -126,10 +127,12 @@ class Diverged(Exception):
 
 
 class StopSignals:
-    """Records SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) instead of dying, so the
-    loop can finish its iteration and checkpoint; the handlers that were there before come back on exit."""
+    """Records SIGTERM / SIGUSR1 / SIGUSR2 (what SLURM sends before a time limit or preemption; USR2 is
+    submitit's) instead of dying, so the loop can finish its iteration and checkpoint; the handlers that were
+    there before come back on exit, and `forward` hands the signal on to the one that was (submitit requeues
+    the job)."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __init__(self):
         self.received: Optional[str] = None
@@ -149,6 +152,13 @@ class StopSignals:
         for name, handler in self._previous.items():
             signal.signal(getattr(signal, name), handler)
 
+    def forward(self) -> Optional[Callable[[], None]]:
+        """A call of the handler that was installed before for the signal received, when it was a function."""
+        handler = self._previous.get(self.received or "")
+        if not callable(handler):
+            return None
+        return lambda: handler(getattr(signal, self.received), None)
+
 
 class Trained:
     """One model the loop optimises: its optimizer, schedule and clipping."""
@@ -163,8 +173,10 @@ class Trained:
             self.optimizer, lambda s: lr_multiplier(s, cfg.warmup_steps, total_steps, schedule))
 
     def clip(self) -> float:
-        """Clip the gradient in place; returns its norm before clipping (non-finite when the gradient is)."""
-        return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf")).item()
+        """Clip the gradient in place; returns its norm before clipping (non-finite when the gradient is). For a
+        sharded model the norm is of the whole gradient, the same on every rank."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
+        return distributed.local_value(norm).item()
 
     def step(self) -> float:
         """Step the optimizer and the schedule; returns the lr used."""
@@ -215,12 +227,17 @@ class Loop:
         """Forward and backward over the micro-batches of one step, then clip and step every model. A step whose
         loss or gradient norm is not finite updates nothing and returns None (counted in self.skipped)."""
         algo = self.algorithm
-        k = min(self.settings.grad_accumulation_steps, len(step_batch))
-        micro = [step_batch.select(rows) for rows in np.array_split(np.arange(len(step_batch)), k)]
-        normaliser = sum(algo.normaliser(m) for m in micro)
+        micro = self.micro_batches(step_batch)
+        mine = sum((algo.normaliser(m) for m, real in micro if real), torch.tensor(0.0))
+        normaliser = distributed.reduce_sum(mine)  # of the whole step, over every rank
         sums: dict[str, list[float]] = {"loss": [0.0, 1.0]}  # [total, count]; the step's loss is one value per step
-        for batch in micro:
+        for i, (batch, real) in enumerate(micro):
+            for model in self.trained:  # sharded models reduce gradients once per step, after its last micro-batch
+                distributed.set_gradient_sync(model.module, i == len(micro) - 1)
             out = algo.loss(batch)
+            if not real:  # this rank has no rows left for this micro-batch: join the collectives, add nothing
+                (out.loss * 0.0).backward()
+                continue
             loss = out.loss / normaliser.to(out.loss.device)
             loss.backward()
             sums["loss"][0] += loss.item()
@@ -228,6 +245,9 @@ class Loop:
                 acc = sums.setdefault(key, [0.0, 0.0])
                 acc[0] += float(total)
                 acc[1] += count
+        if distributed.world_size() > 1:
+            sums = distributed.merge_sums(distributed.gather_objects(sums))
+            sums["loss"][1] = 1.0  # each rank's share is already divided by the global normaliser
         norms = {model.metric_name("grad_norm"): model.clip() for model in self.trained}  # before clipping
         bad = next(((name, value) for name, value in [("loss", sums["loss"][0]), *norms.items()]
                     if not math.isfinite(value)), None)
@@ -241,10 +261,22 @@ class Loop:
             sums[model.metric_name("learning_rate")] = [model.step(), 1.0]
         return {k: (v[0], v[1]) for k, v in sums.items()}
 
+    def micro_batches(self, step_batch) -> list[tuple[Any, bool]]:
+        """This rank's micro-batches of one step, each with whether it holds rows. One process: the step cut into
+        grad_accumulation_steps parts. N processes: this rank's slice (distributed.step_slice) cut into as many
+        parts as every other rank; a part with no rows is a stand-in (the step's first row, weight 0), since
+        every rank must run as many forward and backward passes as the others."""
+        n = len(step_batch)
+        k = min(self.settings.grad_accumulation_steps, max(1, math.ceil(n / distributed.world_size())))
+        parts = np.array_split(distributed.step_slice(n), k)
+        return [(step_batch.select(rows), True) if len(rows) else (step_batch.select(np.array([0])), False)
+                for rows in parts]
+
     def train_iteration(self) -> tuple[dict, float, Experience]:
         """Experience, then the iteration's optimizer steps; returns its metrics (names without the
         label), its training seconds and the experience (for throughput)."""
         started = time.perf_counter()
+        flops_before = self.flops
         with count_flops(self.settings.count_flops) as counter:
             experience: Experience = self.algorithm.experience(self.step)
         self.flops += counter.get_total_flops()
@@ -259,6 +291,8 @@ class Loop:
                     acc[1] += count
         self.flops += counter.get_total_flops()
         update_seconds = time.perf_counter() - started
+        if distributed.world_size() > 1:  # every rank counted its own work; the run's cost is the sum
+            self.flops = flops_before + distributed.reduce_floats([self.flops - flops_before])[0]
         metrics = {key: total / count for key, (total, count) in sums.items() if count}
         metrics.update(experience.metrics)
         if self.algorithm.needs(self.algorithm.cfg).rollouts:
@@ -286,11 +320,12 @@ class Loop:
             bar.update(self.step)
             while self.step < self.iterations:
                 self.run_iteration(bar)
-                if stop.received and self.step < self.iterations:  # after the last step, finishing is quicker
+                stopping = distributed.any_rank(stop.received is not None)  # the ranks stop at the same step
+                if stopping and self.step < self.iterations:  # after the last step, finishing is quicker
                     path = self.checkpoints / f"step_{self.step}"
                     if self.last_checkpoint != path:
                         self.save_checkpoint(path)
-                    raise Preempted(stop.received, self.step, path)
+                    raise Preempted(stop.received or "SIGTERM", self.step, path, stop.forward())
         if self.settings.save_final and self.resumed_from != self.checkpoints / "final":
             self.save_checkpoint(self.checkpoints / "final", final=True)
         return self.last_eval
@@ -347,10 +382,10 @@ class Loop:
     def save_checkpoint(self, path: Path, final: bool = False) -> None:
         """A resumable checkpoint (dpo_exp.checkpoint); `final` also exports the run's model in Hugging Face
         format (save_pretrained, with the tokenizer) and other trained models in sub-folders (e.g. value/)."""
-        def export(folder: Path) -> None:
+        def export(folder: Path) -> None:  # on every rank: a sharded model's weights are gathered to rank 0
             for i, model in enumerate(self.trained):
-                model.module.save_pretrained(folder if i == 0 else folder / model.name)
-            if self.tokenizer is not None:
+                distributed.save_pretrained(model.module, folder if i == 0 else folder / model.name)
+            if self.tokenizer is not None and distributed.is_main():
                 self.tokenizer.save_pretrained(folder)
 
         checkpoint.save(path, self.trained, self.loop_state(), self.run_config, export if final else None)

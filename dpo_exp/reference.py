@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from transformers import PreTrainedModel
 
+from dpo_exp import distributed
 from dpo_exp.data import TokenizedPair, collate_pairs
 from dpo_exp.models import PairLogps, SequenceLogps, autocast, sequence_logps
 
@@ -55,13 +56,29 @@ class Reference:
         """Store reference log-probs of `pairs` (by TokenizedPair.index) under `name`."""
         size = max(p.index for p in pairs) + 1
         chosen, rejected = torch.zeros(size), torch.zeros(size)
-        with self.model() as model:
-            for start in range(0, len(pairs), batch_size):
-                batch = collate_pairs(pairs[start:start + batch_size], pad_id)
-                logps = self._forward(model, batch)
-                chosen[batch["index"]] = logps.chosen.cpu()
-                rejected[batch["index"]] = logps.rejected.cpu()
+        pair_chosen, pair_rejected = self.logps_of_pairs(pairs, pad_id, batch_size)
+        index = torch.tensor([p.index for p in pairs])
+        chosen[index], rejected[index] = pair_chosen, pair_rejected
         self._tables[name] = (chosen, rejected)
+
+    @torch.no_grad()
+    def logps_of_pairs(self, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) summed log π_ref of each pair, in order, on the CPU. Under torchrun each rank
+        computes its share (the reference is sharded too) and every rank gets all of them."""
+        pairs = list(pairs)
+
+        def forward(rows: list[int]) -> list[tuple[float, float]]:
+            out = []
+            with self.model() as model:
+                for start in range(0, len(rows), batch_size):
+                    batch = collate_pairs([pairs[i] for i in rows[start:start + batch_size]], pad_id)
+                    logps = self._forward(model, batch)
+                    out.extend(zip(logps.chosen.cpu().tolist(), logps.rejected.cpu().tolist()))
+            return out
+
+        values = distributed.map_shared(range(len(pairs)), forward)
+        return torch.tensor([c for c, _ in values]), torch.tensor([r for _, r in values])
 
     @torch.no_grad()
     def pair_logps(self, batch: dict, with_rejected: bool, table: Optional[str] = None) -> PairLogps:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from dpo_exp import distributed
 from dpo_exp.algorithms import Resources, algorithm_class
 from dpo_exp.algorithms.reward_model import RewardModelEvaluator, normalise_reward_model
 from dpo_exp.cache import cache_key, get_or_build
@@ -55,7 +56,8 @@ def sft_policy(cfg, task) -> str:
         return str(cfg.sft.checkpoint)
     if not cfg.sft.train:
         return cfg.model.name_or_path
-    return str(get_or_build(cfg.paths.cache_dir, "sft", sft_key(cfg), measured(lambda out: train_sft(cfg, task, out))))
+    return str(get_or_build(cfg.paths.cache_dir, "sft", sft_key(cfg), measured(lambda out: train_sft(cfg, task, out)),
+                            collective=True))
 
 
 def measured(build):
@@ -64,8 +66,9 @@ def measured(build):
         started = time.perf_counter()
         with count_flops() as counter:  # always counted: stages are paid once and shared
             build(out)
-        (out / COST_FILE).write_text(json.dumps({"flops": counter.get_total_flops(),
-                                                 "seconds": time.perf_counter() - started}))
+        flops = distributed.reduce_floats([counter.get_total_flops()])[0]  # every rank's share of the work
+        if distributed.is_main():
+            (out / COST_FILE).write_text(json.dumps({"flops": int(flops), "seconds": time.perf_counter() - started}))
     return wrapped
 
 
@@ -83,14 +86,16 @@ def train_sft(cfg, task, out: Path) -> None:
     if source:
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     else:
-        task.train_tokenizer(out)
+        if distributed.is_main():
+            task.train_tokenizer(out)
+        distributed.barrier()  # the other ranks read rank 0's tokenizer
         tokenizer = load_tokenizer(str(out))
     dtype = torch_dtype(cfg.model.policy_dtype)
     if cfg.model.name_or_path:
         model = load_model(cfg.model.name_or_path, dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
     else:
         model = new_model(OmegaConf.to_container(cfg.model.architecture), tokenizer, dtype, cfg.model.attn_implementation)
-    model.to(device)
+    model = distributed.shard_as_configured(model.to(device), cfg)
     s = cfg.sft
     examples, _ = tokenize_dataset(tokenizer, task.sft_examples(tokenizer), s.max_length,  # room for a response token:
                                    min(cfg.data.max_prompt_length, s.max_length - 1), task.keep_prompt_end)  # none dropped
@@ -99,13 +104,19 @@ def train_sft(cfg, task, out: Path) -> None:
                                                                train_pairs=examples))
     settings = LoopSettings.from_trainer(stage.trainer, log_every=10, save_final=False, eval_at_start=False,
                                          save_every=None, resume=False)  # a cache stage is rebuilt whole
-    logger = RunLogger([FileSink(out)])
+    logger = stage_logger(out)
     try:
         Loop(algorithm, settings, logger, out, label="sft").fit()
     finally:
         logger.finish()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    distributed.save_pretrained(model, out)
+    if distributed.is_main():
+        tokenizer.save_pretrained(out)
+
+
+def stage_logger(out: Path) -> RunLogger:
+    """A cache stage's metrics.jsonl (written by rank 0)."""
+    return RunLogger([FileSink(out)] if distributed.is_main() else [])
 
 
 def stage_config(cfg, algorithm: str, optimizer, **trainer):
@@ -159,6 +170,7 @@ def reward_model_dir(cfg, prep) -> Path:
         r, device, tok = cfg.reward_model, prep.device, prep.tokenizer
         dtype = torch_dtype(cfg.model.policy_dtype)
         model = ScalarHeadModel(load_model(prep.sft_dir, dtype).to(device))
+        model = distributed.shard_as_configured(model, cfg)
         stage = stage_config(cfg, "reward_model", r.optimizer, batch_size=r.batch_size, epochs=r.epochs, max_steps=None)
         algorithm = algorithm_class("reward_model")("reward_model", stage,
                                                     Resources(stage, tok, device, reward_model=model,
@@ -168,11 +180,11 @@ def reward_model_dir(cfg, prep) -> Path:
         settings = LoopSettings.from_trainer(stage.trainer, eval_every=r.eval_every, log_every=10, save_every=None,
                                              resume=False,
                                              eval_at_start=False, save_final=False)
-        logger = RunLogger([FileSink(out)])
+        logger = stage_logger(out)
         try:
             final = Loop(algorithm, settings, logger, out, evaluate=evaluate if prep.eval_tok else None).fit()
             prompts = sorted({p.prompt for p in prep.train_pairs})
-            sft = load_model(prep.sft_dir, dtype).to(device)
+            sft = distributed.shard_as_configured(load_model(prep.sft_dir, dtype).to(device), cfg)
             stats = normalise_reward_model(model, sft, tok, [prompt_token_ids(tok, p) for p in prompts],
                                            cfg.ppo.max_new_tokens, cfg.ppo.temperature, precision=precision)
             norm = {"eval/offset": stats["offset"], "eval/sft_score_std": stats["std"]}
@@ -180,10 +192,12 @@ def reward_model_dir(cfg, prep) -> Path:
             final.update(norm)
         finally:
             logger.finish()
-        model.save_pretrained(out, tok)
-        (out / "final_metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
+        distributed.save_pretrained(model, out, tokenizer=tok)
+        if distributed.is_main():
+            (out / "final_metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
 
-    return get_or_build(cfg.paths.cache_dir, "reward_model", reward_model_key(cfg, prep.sft_dir), measured(build))
+    return get_or_build(cfg.paths.cache_dir, "reward_model", reward_model_key(cfg, prep.sft_dir), measured(build),
+                        collective=True)
 
 
 def stages_paid(needs) -> list[str]:

@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
-from dpo_exp import checkpoint
+from dpo_exp import checkpoint, distributed
 from dpo_exp.algorithms import Needs, Resources
 from dpo_exp.config import ConfigError, algorithm_of, register_configs, validate
 from dpo_exp.data import prompt_token_ids, tokenize_dataset
@@ -105,7 +105,7 @@ def build_policy(cfg, prep: Prepared):
         policy = apply_lora(policy, m.lora)
         if m.gradient_checkpointing:
             policy.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    return policy
+    return distributed.shard_as_configured(policy, cfg)
 
 
 def build_reference(cfg, prep: Prepared, policy, resident: bool) -> Optional[Reference]:
@@ -118,7 +118,7 @@ def build_reference(cfg, prep: Prepared, policy, resident: bool) -> Optional[Ref
         if m.lora.r > 0 and cfg.reference.name_or_path is None:
             return AdapterDisabled(policy)  # π_ref = π_SFT = the policy's frozen base weights
         model = load_model(ref_path, torch_dtype(m.reference_dtype), m.attn_implementation, m.trust_remote_code)
-        return freeze(model.to(prep.device))
+        return distributed.shard_as_configured(freeze(model.to(prep.device)), cfg)
 
     return Reference(load_reference, resident=resident, precision=cfg.trainer.precision.value)
 
@@ -138,6 +138,10 @@ def build_resources(cfg, prep: Prepared, needs: Needs) -> Resources:
         else:
             sft = load_model(prep.sft_dir, torch_dtype(m.policy_dtype), m.attn_implementation, m.trust_remote_code)
             res.value_model = make_value_model(policy=sft.to(prep.device))  # from π_SFT with a zero head
+        res.value_model = distributed.shard_as_configured(res.value_model, cfg)
+    if res.reward_model is not None:
+        # after the value model copied it whole
+        res.reward_model = distributed.shard_as_configured(freeze(res.reward_model), cfg)
     # π_ref is always built (lazily when training needs none) so that every method's eval/kl is measured alike
     resident = needs.reference and (needs.rollouts or not cfg.reference.precompute)
     res.reference = build_reference(cfg, prep, res.policy, resident)
@@ -157,11 +161,21 @@ def build_evaluator(cfg, prep: Prepared, algorithm, reference) -> Evaluator:
                      cfg.trainer.precision.value, cfg.seed)
 
 
-def save_merged_lora(cfg, policy, tokenizer, output_dir: Path) -> None:
-    if cfg.model.lora.r > 0 and cfg.model.lora.merge_on_save and cfg.trainer.save_final and is_main_process():
-        merged = output_dir / "checkpoints" / "final" / "merged"
-        policy.merge_and_unload().save_pretrained(merged)  # training is over: merging in place is safe
-        tokenizer.save_pretrained(merged)
+def save_merged_lora(cfg, policy, tokenizer, output_dir: Path, sft_dir: str) -> None:
+    if not (cfg.model.lora.r > 0 and cfg.model.lora.merge_on_save and cfg.trainer.save_final):
+        return
+    final = output_dir / "checkpoints" / "final"
+    if distributed.world_size() == 1:
+        merged = policy.merge_and_unload()  # training is over: merging in place is safe
+    elif distributed.is_main():  # the policy is sharded: merge the exported adapter into a fresh π_SFT on rank 0
+        from peft import PeftModel
+
+        base = load_model(sft_dir, torch_dtype(cfg.model.policy_dtype), cfg.model.attn_implementation,
+                          cfg.model.trust_remote_code)
+        merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+    if distributed.is_main():
+        merged.save_pretrained(final / "merged")
+        tokenizer.save_pretrained(final / "merged")
 
 
 # ---- running -----------------------------------------------------------------------------------
@@ -181,7 +195,7 @@ def train_algorithm(cfg, prep: Prepared, logger: RunLogger) -> dict:
     except Diverged as err:  # the run stops; its summary says where and why
         return {**loop.last_eval, "steps": loop.step, "status": "diverged", "diverged": err.record, "error": str(err)}
     if res.policy is not None:
-        save_merged_lora(cfg, res.policy, prep.tokenizer, output_dir)
+        save_merged_lora(cfg, res.policy, prep.tokenizer, output_dir, prep.sft_dir)
     return {**final, "steps": loop.step, "status": "complete", "skipped_steps": len(loop.skipped),
             **({"resumed_from": str(loop.resumed_from)} if loop.resumed_from else {})}
 
@@ -189,6 +203,14 @@ def train_algorithm(cfg, prep: Prepared, logger: RunLogger) -> dict:
 def run_config(cfg) -> dict:
     """The resolved config, as written into checkpoints and compared on resume."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def agree_on_run_directory(cfg) -> None:
+    """Every rank of a torchrun job writes and resumes in rank 0's run directory (ranks started a second apart
+    can name a timestamped folder differently)."""
+    chosen = distributed.broadcast_object(str(cfg.paths.output_dir))
+    if chosen != str(cfg.paths.output_dir):
+        OmegaConf.update(cfg, "paths.output_dir", chosen)
 
 
 def check_resume(cfg) -> None:
@@ -211,6 +233,9 @@ def report_cached_stage(cfg, prep: Prepared, logger: RunLogger) -> dict:
 def run(cfg: DictConfig) -> dict:
     """One experiment, end to end; returns its summary (final evaluation and bookkeeping)."""
     validate(cfg)
+    distributed.adopt_submitit_environment()
+    distributed.init(resolve_device(cfg.trainer.device).type == "cuda", cfg.trainer.fsdp.timeout_minutes)
+    agree_on_run_directory(cfg)
     check_resume(cfg)
     started = time.perf_counter()
     seed_everything(cfg.seed)
@@ -277,6 +302,8 @@ def main(cfg: DictConfig) -> float:
         summary = run(cfg)
     except Preempted as err:  # the whole process stops, a sweep too; rerunning it resumes each job where it was
         print(f"[dpo_exp] {err}", flush=True)
+        if err.forward is not None:  # under submitit (hydra/launcher=slurm): it requeues the job, then exits
+            err.forward()
         sys.exit(PREEMPTED_EXIT_CODE)
     except RunStopped as err:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -5,6 +5,9 @@ this file. Each kind of command is handled one way, and a command of no known ki
 
 - `pip install ...`: not run (CI installs); every extra it names must exist in pyproject.toml.
 - `python -m pytest ...`: this suite.
+- `torchrun [options] -m dpo_exp.train ...`: composed like a train command; a single-node (`--standalone`)
+  command that can run here is run at smoke budget on 2 CPU processes (gloo), and must write one run
+  directory with both ranks' checkpoint files.
 - `python -m dpo_exp.train ...`: composed and validated as written (every sweep value), its hub ids
   checked. If it can run here (no hub dataset or hub model, no GPU, no pretrained model) it is also run,
   in order, at smoke budget (`debug=smoke`, whose keys win over the command's), with cwd a scratch
@@ -22,6 +25,7 @@ import json
 import re
 import runpy
 import shlex
+import subprocess
 import sys
 import time
 import tomllib
@@ -64,6 +68,8 @@ class Command:
             return "tests"
         if a[:3] == ("python", "-m", "dpo_exp.train"):
             return "train"
+        if a[0] == "torchrun" and ("-m", "dpo_exp.train") in zip(a, a[1:]):
+            return "torchrun"
         if len(a) >= 2 and a[0] == "python" and a[1].endswith(".py"):
             return "script"
         return "unknown"
@@ -86,10 +92,16 @@ def readme_commands() -> list[Command]:
 
 COMMANDS = readme_commands()
 TRAIN = [c for c in COMMANDS if c.kind == "train"]
+TORCHRUN = [c for c in COMMANDS if c.kind == "torchrun"]
+
+
+def torchrun_options(command: Command) -> list[str]:
+    """torchrun's own options: the words between `torchrun` and `-m dpo_exp.train`."""
+    return list(command.argv[1:command.argv.index("dpo_exp.train") - 1])
 
 
 def train_overrides(command: Command) -> tuple[list[str], bool]:
-    words = list(command.argv[3:])
+    words = list(command.argv[command.argv.index("dpo_exp.train") + 1:])
     multirun = any(w in ("-m", "--multirun") for w in words)
     return [w for w in words if w not in ("-m", "--multirun")], multirun
 
@@ -167,7 +179,7 @@ def test_every_extra_the_readme_installs_exists():
     assert quickstart.argv[2].startswith("torch=="), "install torch first: an unpinned torch pulls the CUDA build"
 
 
-@pytest.mark.parametrize("command", TRAIN, ids=[f"line{c.line}" for c in TRAIN])
+@pytest.mark.parametrize("command", TRAIN + TORCHRUN, ids=[f"line{c.line}" for c in TRAIN + TORCHRUN])
 def test_every_documented_train_command_composes_validates_and_names_valid_hub_ids(command):
     overrides, _ = train_overrides(command)
     for job in expand_sweeps(overrides):
@@ -248,6 +260,25 @@ def check_train(command: Command, repo: Path) -> str:
     return f"ran at smoke budget: {len(new)} run(s)"
 
 
+def check_torchrun(command: Command, repo: Path) -> str:
+    overrides, _ = train_overrides(command)
+    cfg = compose_cfg(overrides)
+    reason = why_not_here(cfg) or (None if "--standalone" in torchrun_options(command) else "several nodes")
+    if reason:
+        return f"composed only: {reason}"
+    before = run_dirs(repo)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dpo_exp.train",
+            *at_smoke_budget(overrides)]
+    done = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{command}: exited with {done.returncode}\n{(done.stdout + done.stderr)[-3000:]}"
+    new = run_dirs(repo) - before
+    assert len(new) == 1, f"{command}: {len(new)} run directories, expected 1 shared by both ranks"
+    run = new.pop()
+    assert json.loads((run / "summary.json").read_text())["steps"] > 0
+    assert sorted(p.name for p in (run / "checkpoints" / "final" / "rng").iterdir()) == ["rank_0.pt", "rank_1.pt"]
+    return "ran at smoke budget: 2 processes"
+
+
 def check_script(command: Command, repo: Path) -> str:
     argv = list(command.argv[1:])
     script = argv[0]
@@ -291,6 +322,8 @@ def test_every_documented_command_runs_in_order_from_a_fresh_checkout(checkout, 
             if how.startswith("skipped"):
                 unmade |= {w.split("=", 1)[1] for w in command.argv if w.startswith(("hydra.sweep.dir=", "hydra.run.dir="))}
             results.append((command, how))
+        elif command.kind == "torchrun":
+            results.append((command, check_torchrun(command, checkout)))
         elif command.kind == "script":
             reads_unmade = [w for w in command.argv if w in unmade]
             results.append((command, f"skipped: reads {reads_unmade[0]}, made by a skipped command" if reads_unmade

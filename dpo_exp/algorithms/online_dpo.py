@@ -95,10 +95,11 @@ class OnlineDPO(Algorithm):
             metrics["annotator_agreement"] = agree / judged
         if not pairs:
             return Experience([], metrics)
-        batch = collate_pairs(pairs, tok.pad_token_id)
-        reference = res.reference.pair_logps(batch, with_rejected=True)  # π_ref is fixed: once per pair
-        step = OnlinePairBatch(pairs, tok.pad_token_id, PairLogps(reference.chosen.cpu(), reference.rejected.cpu(),
-                                                                  reference.chosen_length, reference.rejected_length))
+        # π_ref is fixed: once per pair (under torchrun each rank scores a share of the pairs)
+        chosen, rejected = res.reference.logps_of_pairs(pairs, tok.pad_token_id, self.cfg.trainer.eval_batch_size)
+        lengths = lambda side: torch.tensor([len(getattr(p, side)) for p in pairs])  # noqa: E731
+        step = OnlinePairBatch(pairs, tok.pad_token_id, PairLogps(chosen, rejected, lengths("chosen_ids"),
+                                                                  lengths("rejected_ids")))
         return Experience([step], metrics, examples=len(pairs), tokens=step.tokens())
 
     def normaliser(self, micro: dict) -> torch.Tensor:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpo_exp import distributed
 from dpo_exp.algorithms.base import Algorithm, Experience, Needs, StepBatch, StepOutput, register
 from dpo_exp.algorithms.rl import (AdaptiveKLController, FixedKLController, apply_missing_eos_penalty, clipped_policy_loss,
                                    clipped_value_loss, gae, masked_mean, per_token_rewards, whiten)
@@ -165,24 +166,28 @@ class PPO(Algorithm):
                                                                tok.pad_token_id).items()}
         mask = batch["response_mask"]                                   # (B, R), right-aligned
         B, R = mask.shape
-        logps, entropy, ref_logps, values = [], [], [], []
         self.policy.eval()
         self.value_model.eval()
-        with self.res.reference.model() as ref:
-            for s in range(0, B, p.forward_batch_size):
-                sub = {k: v[s:s + p.forward_batch_size] for k, v in batch.items()}
-                with autocast(device, self.precision):
-                    pol = sequence_logps(self.policy, sub, p.temperature, per_token=True, with_entropy=True)
-                    rlp = sequence_logps(ref, sub, p.temperature, per_token=True).tokens
-                    v = self.value_model.forward_batch(sub)[:, -R - 1:-1]  # V(state before y_t)
-                logps.append(pol.tokens.float())
-                entropy.append(pol.entropy.float())
-                ref_logps.append(rlp.float())
-                values.append(v.float())
+
+        def forward(rows: list[int]) -> list[torch.Tensor]:  # under torchrun: this rank's share of the rollout
+            out = []
+            with self.res.reference.model() as ref:
+                for s in range(0, len(rows), p.forward_batch_size):
+                    index = torch.tensor(rows[s:s + p.forward_batch_size], device=device)
+                    sub = {k: v[index] for k, v in batch.items()}
+                    with autocast(device, self.precision):
+                        pol = sequence_logps(self.policy, sub, p.temperature, per_token=True, with_entropy=True)
+                        rlp = sequence_logps(ref, sub, p.temperature, per_token=True).tokens
+                        v = self.value_model.forward_batch(sub)[:, -R - 1:-1]  # V(state before y_t)
+                    # (b, 4, R): log π_T, entropy, log π_ref,T, V per token
+                    out.extend(torch.stack([pol.tokens.float(), pol.entropy.float(), rlp.float(), v.float()], 1).cpu())
+            return out
+
+        per_token = torch.stack(distributed.map_shared(range(B), forward)).to(device)  # (B, 4, R) on every rank
         self.policy.train()
         self.value_model.train()
-        logps, entropy = torch.cat(logps), torch.cat(entropy)
-        ref_logps, values = torch.cat(ref_logps), torch.cat(values) * mask
+        logps, entropy, ref_logps, values = per_token.unbind(1)
+        values = values * mask
         raw_scores = self.score(prompt_texts, prompt_ids, samples.response_ids, samples.texts)
         raw_scores = torch.as_tensor(raw_scores, dtype=torch.float32).to(device).reshape(B)
         has_eos = torch.tensor([len(r) > 0 and r[-1] == tok.eos_token_id for r in samples.response_ids], device=device)

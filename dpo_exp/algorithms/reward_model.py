@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpo_exp import distributed
 from dpo_exp.algorithms.base import Needs, OfflineAlgorithm, StepOutput, mean_metric, register
 from dpo_exp.algorithms.scorers import RewardModelScorer
 from dpo_exp.data import TokenizedPair, collate_pairs
@@ -71,17 +72,20 @@ class RewardModelEvaluator:
         was_training = model.training
         model.eval()
         device = model.head.weight.device
-        loss, acc, margin, n = 0.0, 0.0, 0.0, 0
-        for s in range(0, len(self.pairs), self.batch_size):
-            chunk = self.pairs[s:s + self.batch_size]
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss, accuracy, margin, pairs; under torchrun each rank sums its share
+        for rows, real in distributed.shared_batches(len(self.pairs), self.batch_size):
+            chunk = [self.pairs[i] for i in rows]
             with autocast(device, self.precision):
                 scores = model.raw_score(collate_pairs(chunk, self.pad_id)).float()
+            if not real:  # a stand-in batch: this rank had no pairs left
+                continue
             b = len(chunk)
             chosen, rejected = scores[:b], scores[b:]
-            loss += bradley_terry_loss(chosen, rejected).item() * b
-            acc += (chosen > rejected).float().sum().item()
-            margin += (chosen - rejected).sum().item()
-            n += b
+            sums[0] += bradley_terry_loss(chosen, rejected).item() * b
+            sums[1] += (chosen > rejected).float().sum().item()
+            sums[2] += (chosen - rejected).sum().item()
+            sums[3] += b
+        loss, acc, margin, n = distributed.reduce_floats(sums)
         model.train(was_training)
         return {"eval/loss": loss / n, "eval/accuracy": acc / n, "eval/margin": margin / n}, {}
 

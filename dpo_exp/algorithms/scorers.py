@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from dpo_exp import distributed
 from dpo_exp.data import collate_sequences
 from dpo_exp.models import ScalarHeadModel, autocast
 
@@ -23,7 +24,10 @@ class GoldScorer:
         self.gold_reward = gold_reward
 
     def __call__(self, prompt_texts, prompt_ids, response_ids, response_texts) -> torch.Tensor:
-        return torch.tensor(self.gold_reward(list(prompt_texts), list(response_texts)), dtype=torch.float32)
+        # each rank of a torchrun job scores its share: every rank then holds the same scores, bit for bit
+        scores = distributed.map_shared(range(len(response_texts)), lambda rows: self.gold_reward(
+            [prompt_texts[i] for i in rows], [response_texts[i] for i in rows]))
+        return torch.tensor(scores, dtype=torch.float32)
 
 
 class RewardModelScorer:
@@ -41,11 +45,16 @@ class RewardModelScorer:
         device = self.model.head.weight.device
         was_training = self.model.training
         self.model.eval()
-        out = []
-        for s in range(0, len(response_ids), self.batch_size):
-            batch = collate_sequences(list(prompt_ids[s:s + self.batch_size]),
-                                      list(response_ids[s:s + self.batch_size]), self.pad_id)
-            with autocast(device, self.precision):
-                out.append(self.model.score(batch).float().cpu())
+
+        def score(rows: list[int]) -> list[float]:  # this rank's share under torchrun; all rows otherwise
+            out = []
+            for s in range(0, len(rows), self.batch_size):
+                chunk = rows[s:s + self.batch_size]
+                batch = collate_sequences([prompt_ids[i] for i in chunk], [response_ids[i] for i in chunk], self.pad_id)
+                with autocast(device, self.precision):
+                    out.extend(self.model.score(batch).float().cpu().tolist())
+            return out
+
+        scores = distributed.map_shared(range(len(response_ids)), score)
         self.model.train(was_training)
-        return torch.cat(out)
+        return torch.tensor(scores, dtype=torch.float32)

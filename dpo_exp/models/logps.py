@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
+from dpo_exp import distributed
 from dpo_exp.data import collate_sequences
 from dpo_exp.models.sampling import Samples
 
@@ -97,10 +98,15 @@ def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def logps_of_samples(model: PreTrainedModel, samples: Samples, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """(N,) summed log-probs of sampled responses under `model` (for KL estimates)."""
-    out = []
-    for start in range(0, len(samples.response_ids), batch_size):
-        end = start + batch_size
-        batch = collate_sequences(samples.prompt_ids[start:end], samples.response_ids[start:end], pad_id)
-        out.append(sequence_logps(model, batch).logps.cpu())
-    return torch.cat(out)
+    """(N,) summed log-probs of sampled responses under `model` (for KL estimates); each rank of a torchrun job
+    scores its share of the rows and every rank gets them all."""
+    def score(rows: list[int]) -> list[float]:
+        out = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            batch = collate_sequences([samples.prompt_ids[i] for i in chunk], [samples.response_ids[i] for i in chunk],
+                                      pad_id)
+            out.extend(sequence_logps(model, batch).logps.cpu().tolist())
+        return out
+
+    return torch.tensor(distributed.map_shared(range(len(samples.response_ids)), score))

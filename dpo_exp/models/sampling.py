@@ -1,12 +1,14 @@
 """Sampling responses with the KV cache (model.generate) from left-padded prompt batches."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel
 
+from dpo_exp import distributed
 from dpo_exp.data import collate_sequences
 
 
@@ -20,25 +22,48 @@ class Samples:
 @torch.no_grad()
 def sample(model: PreTrainedModel, tokenizer, prompt_ids: Sequence[list[int]], max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 128) -> Samples:
-    """Sample one response per prompt with the KV cache (model.generate), left-padded batches."""
+    """Sample one response per prompt with the KV cache (model.generate), left-padded batches.
+
+    Under torchrun every rank passes the same prompts and gets every response: each samples its own share
+    (dpo_exp.distributed.map_shared) with generate(synced_gpus=True), so sharded weights are gathered
+    layer by layer as in training and a rank that has finished keeps joining the others' forward passes."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    responses: list[list[int]] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        chunk = list(prompt_ids[start:start + batch_size])
-        batch = collate_sequences(chunk, [[] for _ in chunk], tokenizer.pad_token_id)
-        # temperature 0 means greedy decoding (the paper's TL;DR evaluation includes T = 0)
-        decoding = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0
-                    else dict(do_sample=False, temperature=None, top_k=None, top_p=None))
-        out = model.generate(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            **decoding)
-        for row in out[:, batch["input_ids"].shape[1]:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id) + 1]
-            responses.append(row)
+    seed = distributed.sampling_seed()
+    synced = distributed.world_size() > 1
+
+    def generate(prompts: list[list[int]]) -> list[list[int]]:
+        responses: list[list[int]] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            batch = collate_sequences(chunk, [[] for _ in chunk], tokenizer.pad_token_id)
+            # temperature 0 means greedy decoding (the paper's TL;DR evaluation includes T = 0)
+            decoding = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0
+                        else dict(do_sample=False, temperature=None, top_k=None, top_p=None))
+            out = model.generate(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, **decoding)
+            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[:row.index(tokenizer.eos_token_id) + 1]
+                responses.append(row)
+        return responses
+
+    with _seeded(seed, device):
+        responses = distributed.map_shared(prompt_ids, generate)
     model.train(was_training)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     return Samples([list(p) for p in prompt_ids], responses, texts)
+
+
+@contextlib.contextmanager
+def _seeded(seed, device: torch.device):
+    """Sample under `seed` in a forked generator (this rank's own noise), or as is when seed is None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

@@ -76,14 +76,21 @@ class ScalarHeadModel(nn.Module):
         """(B,) normalised score: raw − offset."""
         return self.raw_score(batch) - self.offset
 
-    def save_pretrained(self, folder: Union[str, Path], tokenizer=None) -> None:
+    def save_pretrained(self, folder: Union[str, Path], tokenizer=None, state_dict: Optional[dict] = None) -> None:
+        """`state_dict`: this model's full weights when they are not its own tensors (gathered from FSDP shards)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(folder)
-        save_file({"weight": self.head.weight.detach().float().cpu().contiguous(),
-                   "bias": self.head.bias.detach().float().cpu().contiguous()}, str(folder / HEAD_FILE))
+        if state_dict is None:
+            self.backbone.save_pretrained(folder)
+            weight, bias = self.head.weight, self.head.bias
+        else:
+            self.backbone.save_pretrained(folder, state_dict={k.removeprefix("backbone."): v for k, v in state_dict.items()
+                                                              if k.startswith("backbone.")})
+            weight, bias = state_dict["head.weight"], state_dict["head.bias"]
+        save_file({"weight": weight.detach().float().cpu().contiguous(),
+                   "bias": bias.detach().float().cpu().contiguous()}, str(folder / HEAD_FILE))
         (folder / HEAD_CONFIG).write_text(json.dumps(
             {"offset": self.offset, "hidden_size": self.head.in_features, "format": "dpo_exp.ppo.ScalarHeadModel/1"},
             indent=2))
