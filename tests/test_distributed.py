@@ -215,3 +215,22 @@ def test_a_lora_adapter_trains_sharded_to_the_single_process_adapter(tmp_path, c
     for a, b in (adapters, merged):
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=TOL) for k in a)
     assert any(v.abs().max() > 0 for k, v in adapters[1].items() if "lora_B" in k)  # the adapter moved
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_rendezvous_as_two_nodes_of_one_job(tmp_path, cache, one_process):
+    import socket
+
+    with socket.socket() as s:  # a free port for the c10d rendezvous
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    nodes = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+              f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=twonodes", "-m", "dpo_exp.train", "debug=smoke",
+              f"paths.cache_dir={cache}", f"paths.root_dir={tmp_path}", *DPO] for _ in range(2)]
+    agents = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}) for argv in nodes]
+    outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    run_dir = tmp_path / "outputs" / "runs" / "torchrun-twonodes_synthetic_reviews_dpo"  # named by the rdzv id
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "final" / "rng").iterdir()) == ["rank_0.pt", "rank_1.pt"]
+    assert_same_steps(one_process, run_dir)
