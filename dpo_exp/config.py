@@ -212,6 +212,8 @@ class EvalConfig:
     table_rows: int = 8
     kl: bool = True
     temperatures: List[float] = field(default_factory=list)
+    judge: Optional[str] = None            # judge the run's samples when it ends: a conf/judge option (api, hf, ...)
+    judge_overrides: List[str] = field(default_factory=list)  # more `python -m dpo_exp.judge` overrides
 
 
 @dataclass

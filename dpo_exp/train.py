@@ -254,6 +254,10 @@ def run(cfg: DictConfig) -> dict:
     finally:
         logger.finish()
     print_summary(summary, cfg, cls)
+    if cfg.eval.judge and summary.get("status") == "complete" and distributed.is_main():
+        from dpo_exp.judge import judge_after_training
+
+        judge_after_training(cfg)
     if summary.get("status") == "diverged":
         raise RunStopped(summary["error"], exit_code=1)
     return summary
