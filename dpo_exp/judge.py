@@ -319,11 +319,26 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def expand_runs(paths) -> list[Path]:
+    """Run directories: each path that is one (it has summary.json), and every run directly inside a path that
+    is not (a multirun's folder)."""
+    out = []
+    for path in map(Path, paths):
+        if (path / "summary.json").is_file():
+            out.append(path)
+            continue
+        inside = sorted(p for p in path.iterdir() if (p / "summary.json").is_file()) if path.is_dir() else []
+        if not inside:
+            raise ConfigError(f"runs: {path} is neither a finished run directory (no summary.json) nor a folder of runs")
+        out += inside
+    return out
+
+
 def judge_runs(cfg) -> dict[str, dict]:
     """Judge every run of `cfg.runs`; returns {run directory: its winrates.json entry}."""
     if not cfg.runs:
         raise ConfigError("runs=[...] names no run directory to judge (or calibrate=FILE to check a judge)")
-    runs = [JudgedRun(Path(r)) for r in cfg.runs]
+    runs = [JudgedRun(path) for path in expand_runs(cfg.runs)]
     temperatures = (list(cfg.temperatures) if cfg.temperatures is not None
                     else sorted({t for r in runs for t in r.temperatures()}) or [1.0])
     judge = build_judge(cfg, runs[0], task_kind(runs[0]))

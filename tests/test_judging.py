@@ -363,3 +363,25 @@ def test_eval_judge_judges_the_run_when_it_ends(smoke_cfg):
     entry = json.loads((Path(cfg.paths.output_dir) / "winrates.json").read_text())["reward_model/vs_initial"]
     assert list(entry["temperatures"]) == ["1"] and entry["temperatures"]["1"]["judged"] == 8
     assert entry["temperatures"]["1"]["position_agreement"]["pairs"] == 0
+
+
+def test_win_rates_reach_the_runs_own_wandb_run(smoke_cfg, monkeypatch):
+    import glob
+
+    from conftest import read_wandb_records
+    from dpo_exp import train as train_module
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = smoke_cfg("logger=wandb", "logger.mode=offline", "eval.temperatures=[1.0]", "eval.judge=reward_model")
+    train_module.run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
+    assert len(files) == 2  # the training run, and the judge continuing the same run id
+    records = [r for f in files for r in read_wandb_records(f)]
+    summary = {item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "summary"
+               for item in r.summary.update}
+    history = {item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+               for item in r.history.item}
+    assert "winrate/reward_model/vs_initial/T=1" in summary
+    assert any(k.startswith("judge/reward_model/vs_initial") for k in history)  # the judged comparisons

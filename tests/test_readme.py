@@ -8,6 +8,10 @@ this file. Each kind of command is handled one way, and a command of no known ki
 - `torchrun [options] -m dpo_exp.train ...`: composed like a train command; a single-node (`--standalone`)
   command that can run here is run at smoke budget on 2 CPU processes (gloo), and must write one run
   directory with both ranks' checkpoint files.
+- `python -m dpo_exp.judge ...`: composed as written (conf/judging.yaml); run in order when everything it
+  reads is here (the run folders commands before it made, the judge's model folder, ../shared for
+  calibration) and its judge needs no endpoint: it must write winrates.json into every judged run (or
+  calibration.json).
 - `python -m dpo_exp.train ...`: composed and validated as written (every sweep value), its hub ids
   checked. If it can run here (no hub dataset or hub model, no GPU, no pretrained model) it is also run,
   in order, at smoke budget (`debug=smoke`, whose keys win over the command's), with cwd a scratch
@@ -70,6 +74,8 @@ class Command:
             return "train"
         if a[0] == "torchrun" and ("-m", "dpo_exp.train") in zip(a, a[1:]):
             return "torchrun"
+        if a[:3] == ("python", "-m", "dpo_exp.judge"):
+            return "judge"
         if len(a) >= 2 and a[0] == "python" and a[1].endswith(".py"):
             return "script"
         return "unknown"
@@ -279,6 +285,58 @@ def check_torchrun(command: Command, repo: Path) -> str:
     return "ran at smoke budget: 2 processes"
 
 
+def compose_judging(overrides: list[str]):
+    from dpo_exp.judging.config import register_judging_configs
+
+    register_judging_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("judging", overrides=[*overrides, "cache_dir=/tmp/dpo_exp_readme_judge_cache"])
+
+
+JUDGE = [c for c in COMMANDS if c.kind == "judge"]
+
+
+@pytest.mark.parametrize("command", JUDGE, ids=[f"line{c.line}" for c in JUDGE])
+def test_every_documented_judge_command_composes(command):
+    cfg = compose_judging(list(command.argv[3:]))
+    assert cfg.runs or cfg.calibrate, f"{command}: judges nothing"
+
+
+def check_judge(command: Command, repo: Path) -> str:
+    import runpy
+    import warnings
+
+    overrides = list(command.argv[3:])
+    cfg = compose_judging(overrides)
+    if cfg.judge.name == "api":
+        return "composed only: needs a chat-completions endpoint and its key"
+    if cfg.judge.name == "hf" and not (repo / cfg.judge.path).exists():
+        return f"composed only: reads {cfg.judge.path}, which scripts/fetch_smollm2.py fetches"
+    if cfg.calibrate:
+        if not (repo / cfg.calibrate).exists():
+            return f"skipped: {cfg.calibrate} is absent here"
+    else:
+        for path in [*cfg.runs, *([] if cfg.baseline in ("initial", "reference") else [cfg.baseline])]:
+            assert (repo / path).exists(), f"{command}: reads {path}, which no command before it made"
+    argv = sys.argv
+    sys.argv = ["dpo_exp.judge", *overrides, f"cache_dir={repo / 'outputs' / 'cache'}"]
+    try:
+        with warnings.catch_warnings():  # imported already by this test; running it as __main__ is intended
+            warnings.filterwarnings("ignore", message="'dpo_exp.judge' found in sys.modules", category=RuntimeWarning)
+            runpy.run_module("dpo_exp.judge", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise AssertionError(f"{command}: exited with {exit_.code}") from exit_
+    finally:
+        sys.argv = argv
+    if not cfg.calibrate:
+        from dpo_exp.judge import expand_runs
+
+        for run in expand_runs([repo / r for r in cfg.runs]):
+            assert (run / "winrates.json").is_file(), f"{command}: no winrates.json in {run}"
+    return "ran"
+
+
 def check_script(command: Command, repo: Path) -> str:
     argv = list(command.argv[1:])
     script = argv[0]
@@ -324,6 +382,10 @@ def test_every_documented_command_runs_in_order_from_a_fresh_checkout(checkout, 
             results.append((command, how))
         elif command.kind == "torchrun":
             results.append((command, check_torchrun(command, checkout)))
+        elif command.kind == "judge":
+            reads_unmade = [w for w in command.argv if any(u in w for u in unmade)]
+            results.append((command, f"skipped: reads {reads_unmade[0]}, made by a skipped command" if reads_unmade
+                            else check_judge(command, checkout)))
         elif command.kind == "script":
             reads_unmade = [w for w in command.argv if w in unmade]
             results.append((command, f"skipped: reads {reads_unmade[0]}, made by a skipped command" if reads_unmade

@@ -35,7 +35,7 @@ def test_a_two_job_sweep_runs_each_job_as_one_two_process_job(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     jobs = job_dirs(sweep)
-    assert [p.name for p in jobs] == ["0_debug=smoke,loss.beta=0.1", "1_debug=smoke,loss.beta=0.5"]
+    assert [p.name for p in jobs] == ["0_loss.beta=0.1", "1_loss.beta=0.5"]
     for job, beta in zip(jobs, (0.1, 0.5)):
         summary = json.loads((job / "summary.json").read_text())
         assert summary["status"] == "complete" and summary["steps"] == 4

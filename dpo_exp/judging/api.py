@@ -92,8 +92,15 @@ class APIJudge(Judge):
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def choose(self, comparisons: Sequence[Comparison]) -> list[tuple[str, str]]:
-        with ThreadPoolExecutor(max_workers=max(1, self.cfg.max_concurrency)) as pool:
-            return list(pool.map(self._one, comparisons))
+        from dpo_exp.loggers import progress
+
+        with ThreadPoolExecutor(max_workers=max(1, self.cfg.max_concurrency)) as pool, \
+                progress(len(comparisons), "judging") as bar:
+            out = []
+            for answer in pool.map(self._one, comparisons):  # in order; the bar moves as answers arrive
+                out.append(answer)
+                bar.update(1)
+            return out
 
     def _one(self, comparison: Comparison) -> tuple[str, str]:
         messages = render(self.template, comparison)

@@ -172,15 +172,24 @@ class HFJudge(Judge):
 
     @torch.no_grad()
     def choose(self, comparisons: Sequence[Comparison]) -> list[tuple[str, str]]:
+        from dpo_exp.loggers import progress
+
         out = []
-        for s in range(0, len(comparisons), self.batch_size):
-            texts = [self.text(c) for c in comparisons[s:s + self.batch_size]]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
-                                 add_special_tokens=False).to(self.device)
-            probs = self.model(**enc).logits[:, -1].float().softmax(-1)[:, self.answer_ids].cpu()
-            for p1, p2 in probs.tolist():
-                choice = "first" if p1 > p2 else "second" if p2 > p1 else "tie"
-                out.append((choice, f"p(1)={p1:.4g} p(2)={p2:.4g}"))
+        with progress(len(comparisons), "judging") as bar:
+            for s in range(0, len(comparisons), self.batch_size):
+                out += self._choose_batch(comparisons[s:s + self.batch_size])
+                bar.update(min(self.batch_size, len(comparisons) - s))
+        return out
+
+    def _choose_batch(self, comparisons: Sequence[Comparison]) -> list[tuple[str, str]]:
+        """One left-padded forward pass: the next-token probabilities of "1" and "2" after each prompt."""
+        enc = self.tokenizer([self.text(c) for c in comparisons], return_tensors="pt", padding=True, truncation=True,
+                             max_length=self.max_length, add_special_tokens=False).to(self.device)
+        probs = self.model(**enc, logits_to_keep=1).logits[:, -1].float().softmax(-1)[:, self.answer_ids].cpu()
+        out = []
+        for p1, p2 in probs.tolist():
+            choice = "first" if p1 > p2 else "second" if p2 > p1 else "tie"
+            out.append((choice, f"p(1)={p1:.4g} p(2)={p2:.4g}"))
         return out
 
 
