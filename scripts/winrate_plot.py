@@ -3,6 +3,7 @@ analogue of the DPO paper's Figure 2 (right) and Figure 3, from runs judged by `
 
     python scripts/winrate_plot.py outputs/multirun/<date>/<time>_x -o winrates.png [--judge gold/vs_initial]
     python scripts/winrate_plot.py RUN_DIR RUN_DIR ... -o winrates.png --markdown
+    python scripts/winrate_plot.py --wandb ENTITY/PROJECT/GROUP -o winrates.png --judge api/vs_reference
 
 Each argument is a judged run directory (with winrates.json) or a folder of them (a multirun). --judge picks
 which judging (`<judge>/vs_<baseline>`, the keys of winrates.json); by default the one every run has, if
@@ -43,21 +44,35 @@ def label_of(run: Path) -> str:
     return summary.get("algorithm/label") or run.name
 
 
-def series(runs: list[Path], judge: str | None) -> tuple[str, list[tuple[str, list[tuple[float, dict]]]]]:
-    """The judging key and, per run, (label, [(temperature, stats)]) sorted by temperature."""
-    tables = {run: json.loads((run / WINRATES).read_text()) for run in runs}
+def tables_of_summary(summary: dict) -> dict[str, dict]:
+    """{judging: {"temperatures": {t: stats}}} from a run's summary keys winrate/<judge>/vs_<baseline>/T=<t>[/...]
+    (what a W&B run holds: the judge writes them into summary.json and the run's W&B summary)."""
+    tables: dict[str, dict] = {}
+    for key, value in summary.items():
+        if not key.startswith("winrate/") or "/T=" not in key:
+            continue
+        judging, rest = key[len("winrate/"):].split("/T=")
+        t, _, name = rest.partition("/")
+        stats = tables.setdefault(judging, {"temperatures": {}})["temperatures"].setdefault(t, {})
+        stats[name or "win_rate"] = value
+    return tables
+
+
+def series(tables: dict[str, dict], judge: str | None) -> tuple[str, list[tuple[str, list[tuple[float, dict]]]]]:
+    """The judging key and, per run label, (label, [(temperature, stats)]) sorted by temperature; `tables` maps
+    each run's label to its winrates.json contents."""
     common = set.intersection(*(set(t) for t in tables.values()))
     if judge is None:
         if len(common) != 1:
             raise SystemExit(f"pick one judging with --judge; the runs share: {', '.join(sorted(common)) or 'none'}")
         judge = common.pop()
-    missing = [str(r) for r, t in tables.items() if judge not in t]
+    missing = [label for label, t in tables.items() if judge not in t]
     if missing:
-        raise SystemExit(f"--judge {judge} is not in {WINRATES} of: {', '.join(missing)}")
+        raise SystemExit(f"--judge {judge} is not among the win rates of: {', '.join(missing)}")
     out = []
-    for run, table in tables.items():
+    for label, table in tables.items():
         points = sorted((float(t), stats) for t, stats in table[judge]["temperatures"].items())
-        out.append((label_of(run), points))
+        out.append((label, points))
     return judge, out
 
 
@@ -97,13 +112,25 @@ def markdown(judge: str, lines) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="judged run directories or folders of them")
+    parser.add_argument("paths", nargs="*", type=Path, help="judged run directories or folders of them")
+    parser.add_argument("--wandb", help="read the judged runs of a W&B group instead: ENTITY/PROJECT/GROUP")
     parser.add_argument("-o", "--out", type=Path, default=Path("winrates.png"))
     parser.add_argument("--judge", default=None, help="<judge>/vs_<baseline> (a key of winrates.json)")
     parser.add_argument("--title", default="Win rate against sampling temperature")
     parser.add_argument("--markdown", action="store_true", help="also print the numbers as a Markdown table")
     args = parser.parse_args(argv)
-    judge, lines = series(judged_runs(args.paths), args.judge)
+    if args.wandb:
+        from dpo_exp.results import read_wandb_group
+
+        tables = {run.label: tables_of_summary(run.summary) for run in read_wandb_group(args.wandb)}
+        tables = {label: t for label, t in tables.items() if t}
+    elif args.paths:
+        tables = {label_of(run): json.loads((run / WINRATES).read_text()) for run in judged_runs(args.paths)}
+    else:
+        parser.error("give judged run folders or --wandb")
+    if not tables:
+        raise SystemExit("no judged run found")
+    judge, lines = series(tables, args.judge)
     draw(judge, lines, args.out, args.title)
     if args.markdown:
         print(markdown(judge, lines))

@@ -385,3 +385,19 @@ def test_win_rates_reach_the_runs_own_wandb_run(smoke_cfg, monkeypatch):
                for item in r.history.item}
     assert "winrate/reward_model/vs_initial/T=1" in summary
     assert any(k.startswith("judge/reward_model/vs_initial") for k in history)  # the judged comparisons
+
+
+def test_the_plot_reads_the_same_win_rates_from_a_summary_as_a_wandb_group_would_give(judged_runs, tmp_path):
+    import importlib.util
+
+    from dpo_exp.judge import judge_runs
+
+    run = judged_runs["sft"]
+    judge_runs(judging_cfg(f"runs=[{run}]", "judge=reward_model", f"cache_dir={tmp_path}"))
+    spec = importlib.util.spec_from_file_location("winrate_plot", ROOT / "scripts" / "winrate_plot.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    from_summary = plot.tables_of_summary(json.loads((run / "summary.json").read_text()))["reward_model/vs_initial"]
+    from_file = json.loads((run / "winrates.json").read_text())["reward_model/vs_initial"]
+    for t, stats in from_file["temperatures"].items():
+        assert {k: stats[k] for k in ("win_rate", "ci_low", "ci_high", "judged")} == from_summary["temperatures"][t]
