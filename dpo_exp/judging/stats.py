@@ -22,12 +22,8 @@ def win_rate(winners: Sequence[str], resamples: int = 2000, seed: int = 0) -> di
     scores = np.array([SCORE[w] for w in winners if w != "invalid"])
     out = {"comparisons": len(winners), "judged": int(len(scores)), "wins": counts["policy"],
            "losses": counts["baseline"], "ties": counts["tie"], "invalid": counts["invalid"]}
-    if not len(scores):
-        return {**out, "win_rate": None, "ci_low": None, "ci_high": None}
-    rng = np.random.default_rng(seed)
-    means = scores[rng.integers(0, len(scores), size=(resamples, len(scores)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {**out, "win_rate": float(scores.mean()), "ci_low": float(low), "ci_high": float(high)}
+    mean, low, high = bootstrap(scores, resamples, seed)
+    return {**out, "win_rate": mean, "ci_low": low, "ci_high": high}
 
 
 def agreement(first: Sequence[str], second: Sequence[str], resamples: int = 2000, seed: int = 0) -> dict:
@@ -38,9 +34,16 @@ def agreement(first: Sequence[str], second: Sequence[str], resamples: int = 2000
     both = [(a, b) for a, b in zip(first, second) if a != "invalid" and b != "invalid"]
     same = np.array([float(a == b) for a, b in both])
     out = {"pairs": len(first), "usable": len(both)}
-    if not len(same):
-        return {**out, "agreement": None, "ci_low": None, "ci_high": None}
+    mean, low, high = bootstrap(same, resamples, seed)
+    return {**out, "agreement": mean, "ci_low": low, "ci_high": high}
+
+
+def bootstrap(values: np.ndarray, resamples: int, seed: int) -> tuple:
+    """(mean, 2.5th, 97.5th percentile of the means of `resamples` resamples with replacement); all None for no
+    values."""
+    if not len(values):
+        return None, None, None
     rng = np.random.default_rng(seed)
-    means = same[rng.integers(0, len(same), size=(resamples, len(same)))].mean(axis=1)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
-    return {**out, "agreement": float(same.mean()), "ci_low": float(low), "ci_high": float(high)}
+    return float(values.mean()), float(low), float(high)
