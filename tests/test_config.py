@@ -24,11 +24,27 @@ def compose_cfg(overrides=()):
     return cfg
 
 
-def group_options():
+JUDGING_GROUPS = ("judge", "judge_prompt")  # groups of conf/judging.yaml (python -m dpo_exp.judge), not of training
+
+
+def group_options(groups=None):
     for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "local"):
+        if (group.name in JUDGING_GROUPS) != (groups == JUDGING_GROUPS):
+            continue
         for option in sorted(group.glob("*.yaml")):
             if not option.stem.startswith("_"):  # _base.yaml and the like: shared keys, not options
                 yield f"{group.name}={option.stem}"
+
+
+@pytest.mark.parametrize("override", list(group_options(JUDGING_GROUPS)))
+def test_every_judging_option_composes_into_the_judging_schema(override):
+    from dpo_exp.judging.config import register_judging_configs
+
+    register_judging_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("judging", overrides=[override, "runs=[x]", "cache_dir=/tmp/x"])
+    group, option = override.split("=")
+    assert cfg[group].name == option
 
 
 @pytest.mark.parametrize("override", list(group_options()))
@@ -40,8 +56,13 @@ def test_every_option_of_every_group_composes_and_validates(override):
 def test_every_yaml_key_has_a_comment():
     missing = []
     for path in CONF.rglob("*.yaml"):
+        block = None  # indentation of a key whose value is a block scalar (| or >): its text lines are not keys
         for number, line in enumerate(path.read_text().splitlines(), 1):
             stripped = line.strip()
+            indent = len(line) - len(line.lstrip())
+            if block is not None and (not stripped or indent > block):
+                continue
+            block = indent if re.match(r"[\w.]+: [|>][-+]?(\s+#.*)?$", stripped) else None
             if not stripped or stripped.startswith(("#", "- ")) or stripped.endswith(":"):
                 continue  # comments, defaults-list entries, and section headers
             if ":" in stripped and "#" not in stripped:
