@@ -70,11 +70,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def launched_world_size() -> int:
-    """WORLD_SIZE as the launcher set it (before the process group exists)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def adopt_submitit_environment() -> None:
     """Inside a job that hydra/launcher=slurm (or slurm_local) started as several tasks, set the variables
     torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR: the job's first node,
@@ -90,6 +85,8 @@ def adopt_submitit_environment() -> None:
 def init(on_gpu: bool, timeout_minutes: float = 60.0) -> None:
     """Join the process group torchrun (or the SLURM launcher) describes: NCCL with one GPU per rank when the
     run trains on GPUs, else gloo. Nothing for a single process."""
+    from dpo_exp.models.loading import launched_world_size
+
     if launched_world_size() <= 1 or dist.is_initialized():
         return
     if on_gpu:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_exp.config import Config, ConfigError, register_configs
+from dpo_exp.config import Config, ConfigError, LoggerName, register_configs
 from dpo_exp.judging.config import JUDGES, register_judging_configs
 from dpo_exp.judging.judges import Comparison, GoldJudge, HFJudge, Judge, RewardModelJudge
 from dpo_exp.judging.stats import agreement, win_rate
@@ -63,7 +63,7 @@ class JudgedRun:
             file = self.path / name
             if not file.exists():
                 continue
-            for number, line in enumerate(file.read_text().splitlines(), 1):
+            for line in file.read_text().splitlines():
                 row = json.loads(line)
                 if str(row.get("table", "")).startswith(("eval/samples/T=", "judge/")):
                     tables.setdefault(row["table"], {}).setdefault(int(row["step"]), []).append(
@@ -261,13 +261,11 @@ def judge_run(cfg, run: JudgedRun, judge: Judge, temperatures: list[float]) -> d
         console(f"{run.path.name} vs {label}, T={t:g}: win rate {fmt(stats['win_rate'])} "
                 f"[{fmt(stats['ci_low'])}, {fmt(stats['ci_high'])}] over {stats['judged']} "
                 f"({stats['ties']} ties, {stats['invalid']} unusable)")
-        for c, v in zip(comparisons, verdicts):
-            rows.append({"temperature": t, "prompt": c.prompt, "policy": c.policy, "baseline": c.baseline,
-                         "policy_first": c.policy_first, "winner": v.winner, "raw": v.raw, "swapped_check": False})
-        for i, v in zip(check, swapped):
-            c = comparisons[i].flipped()
-            rows.append({"temperature": t, "prompt": c.prompt, "policy": c.policy, "baseline": c.baseline,
-                         "policy_first": c.policy_first, "winner": v.winner, "raw": v.raw, "swapped_check": True})
+        judged = [(c, v, False) for c, v in zip(comparisons, verdicts)]
+        judged += [(comparisons[i].flipped(), v, True) for i, v in zip(check, swapped)]
+        rows += [{"temperature": t, "prompt": c.prompt, "policy": c.policy, "baseline": c.baseline,
+                  "policy_first": c.policy_first, "winner": v.winner, "raw": v.raw, "swapped_check": again}
+                 for c, v, again in judged]
     entry = {"judge": cfg.judge.name, "judge_model": judge_model(cfg), "baseline": label,
              "prompt_template": getattr(judge, "template", {}).get("name"), "seed": cfg.seed,
              "temperatures": results, "tally": judge.tally()}
@@ -303,7 +301,7 @@ def write_results(run: JudgedRun, entry: dict, rows: list[dict], cfg) -> None:
             flat[f"winrate/{key}/T={t}" + ("" if name == "win_rate" else f"/{name}")] = stats[name]
     summary = {**run.summary, **flat}
     write_json(run.path / "summary.json", summary)
-    if cfg.wandb and (run.path / "wandb_run_id").exists() and str(run.cfg.logger.name) in ("wandb", "LoggerName.wandb"):
+    if cfg.wandb and (run.path / "wandb_run_id").exists() and LoggerName(run.cfg.logger.name) is LoggerName.wandb:
         from dpo_exp.loggers import WandbSink
 
         sink = WandbSink(run.cfg.logger, run.path, {}, run.cfg.experiment_name, None)

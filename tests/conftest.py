@@ -150,24 +150,35 @@ def build_loop(cfg, res, sinks=(), output_dir="/tmp/dpo_exp_test_unused", evalua
     return Loop(algorithm, loop_settings, RunLogger(list(sinks)), output_dir, evaluate=evaluate)
 
 
-def run_cli(*args: str) -> None:
-    """`python -m dpo_exp.train ARGS`, run as `-m` runs it (runpy, as __main__) but in this process, so
-    each run skips interpreter and torch start-up: the same Hydra parsing, composition and run directory."""
+def run_cli(*args: str, module: str = "dpo_exp.train") -> None:
+    """`python -m MODULE ARGS`, run as `-m` runs it (runpy, as __main__) but in this process, so each run
+    skips interpreter and torch start-up: the same Hydra parsing, composition and run directory."""
     import runpy
     import sys
     import warnings
 
     argv = sys.argv
-    sys.argv = ["dpo_exp.train", *args]
+    sys.argv = [module, *args]
     try:
-        with warnings.catch_warnings():  # the test imported dpo_exp.train already; running it as __main__ is intended
-            warnings.filterwarnings("ignore", message="'dpo_exp.train' found in sys.modules", category=RuntimeWarning)
-            runpy.run_module("dpo_exp.train", run_name="__main__", alter_sys=True)
+        with warnings.catch_warnings():  # the test imported the module already; running it as __main__ is intended
+            warnings.filterwarnings("ignore", message=f"'{module}' found in sys.modules", category=RuntimeWarning)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exit_:  # Hydra exits non-zero on a failed run
         if exit_.code not in (0, None):
-            raise AssertionError(f"python -m dpo_exp.train {' '.join(args)} exited with {exit_.code}") from exit_
+            raise AssertionError(f"python -m {module} {' '.join(args)} exited with {exit_.code}") from exit_
     finally:
         sys.argv = argv
+
+
+def compose_judging(*overrides: str):
+    """conf/judging.yaml (python -m dpo_exp.judge) composed with `overrides`."""
+    from hydra import compose, initialize_config_dir
+
+    from dpo_exp.judging.config import register_judging_configs
+
+    register_judging_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("judging", overrides=list(overrides))
 
 
 HUB_KEYS = ("hub_name", "name_or_path", "tokenizer")

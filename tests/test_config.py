@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import assert_valid_hub_ids, hub_values
+from conftest import assert_valid_hub_ids, compose_judging, hub_values
 from dpo_exp.config import ConfigError, register_configs, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -38,11 +38,7 @@ def group_options(groups=None):
 
 @pytest.mark.parametrize("override", list(group_options(JUDGING_GROUPS)))
 def test_every_judging_option_composes_into_the_judging_schema(override):
-    from dpo_exp.judging.config import register_judging_configs
-
-    register_judging_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("judging", overrides=[override, "runs=[x]", "cache_dir=/tmp/x"])
+    cfg = compose_judging(override, "runs=[x]", "cache_dir=/tmp/x")
     group, option = override.split("=")
     assert cfg[group].name == option
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from pathlib import Path
 
-from conftest import ROOT, read_jsonl
+from conftest import ROOT, compose_judging, read_jsonl
 
 from dpo_exp.judging.api import APIJudge, parse_choice
 from dpo_exp.judging.judges import Comparison, GoldJudge, HFJudge, Judge, render
@@ -238,21 +238,11 @@ def judged_runs(tmp_path_factory):
     return runs
 
 
-def judging_cfg(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    from dpo_exp.judge import register_judging_configs
-
-    register_judging_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("judging", overrides=list(overrides))
-
-
 def test_a_run_judged_against_itself_ties_everywhere_and_results_land_beside_its_samples(judged_runs, tmp_path):
     from dpo_exp.judge import judge_runs
 
     run = judged_runs["dpo"]
-    judge_runs(judging_cfg(f"runs=[{run}]", f"baseline={run}", "judge=reward_model", f"cache_dir={tmp_path}"))
+    judge_runs(compose_judging(f"runs=[{run}]", f"baseline={run}", "judge=reward_model", f"cache_dir={tmp_path}"))
     entry = json.loads((run / "winrates.json").read_text())["reward_model/vs_dpo"]
     assert sorted(entry["temperatures"]) == ["0.5", "1"]
     for stats in entry["temperatures"].values():
@@ -267,7 +257,7 @@ def test_the_reward_model_judge_scores_runs_head_to_head_and_is_order_blind(judg
     from dpo_exp.judge import judge_runs
 
     dpo, sft = judged_runs["dpo"], judged_runs["sft"]
-    results = judge_runs(judging_cfg(f"runs=[{dpo}]", f"baseline={sft}", "judge=reward_model",
+    results = judge_runs(compose_judging(f"runs=[{dpo}]", f"baseline={sft}", "judge=reward_model",
                                      "position_check=1.0", f"cache_dir={tmp_path}"))
     entry = results[str(dpo)]
     for stats in entry["temperatures"].values():
@@ -282,7 +272,7 @@ def test_the_endpoint_judge_on_a_run_writes_the_key_nowhere(judged_runs, server,
 
     monkeypatch.setenv("DPO_EXP_TEST_JUDGE_KEY", SECRET)
     run = judged_runs["sft"]
-    cfg = judging_cfg(f"runs=[{run}]", "judge=api", f"judge.base_url={server.url}",
+    cfg = compose_judging(f"runs=[{run}]", "judge=api", f"judge.base_url={server.url}",
                       "judge.api_key_env=DPO_EXP_TEST_JUDGE_KEY", f"cache_dir={tmp_path / 'cache'}",
                       "judge.backoff_s=0.01", "judge.timeout_s=5")
     entry = judge_runs(cfg)[str(run)]
@@ -298,7 +288,7 @@ def test_the_temperature_plot_draws_every_judged_run(judged_runs, tmp_path):
 
     from dpo_exp.judge import judge_runs
 
-    judge_runs(judging_cfg(f"runs=[{judged_runs['dpo']},{judged_runs['sft']}]", "judge=reward_model",
+    judge_runs(compose_judging(f"runs=[{judged_runs['dpo']},{judged_runs['sft']}]", "judge=reward_model",
                            f"cache_dir={tmp_path}"))
     out = tmp_path / "winrates.png"
     argv, sys.argv = sys.argv, ["winrate_plot.py", str(judged_runs["dpo"]), str(judged_runs["sft"]), "-o", str(out),
@@ -314,7 +304,7 @@ def test_a_typo_in_the_judging_config_fails_at_composition():
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException):
-        judging_cfg("judge.bse_url=http://x")
+        compose_judging("judge.bse_url=http://x")
 
 
 def write_recorded(path, rows) -> None:
@@ -338,7 +328,7 @@ def test_calibration_measures_agreement_with_recorded_verdicts(server, tmp_path,
                                     "preferred": ""}]
     write_recorded(tmp_path / "judged.csv.gz", rows)
     test_prompt = ["judge_prompt.name=test", "judge_prompt.user='Q: {prompt} A1: {first} A2: {second}'"]
-    result = calibrate(judging_cfg("calibrate=judged.csv.gz", "judge=api", f"judge.base_url={server.url}",
+    result = calibrate(compose_judging("calibrate=judged.csv.gz", "judge=api", f"judge.base_url={server.url}",
                                    "judge.api_key_env=DPO_EXP_TEST_JUDGE_KEY", f"cache_dir={tmp_path}",
                                    "position_check=1.0", *test_prompt))
     # the server prefers the summary with GOOD (the model's on rows i % 4 != 0); the record prefers ours on rows < 10
@@ -351,7 +341,7 @@ def test_calibration_measures_agreement_with_recorded_verdicts(server, tmp_path,
     write_recorded(tmp_path / "bad.csv.gz", [{**rows[0], "preferred": "A"}])
     from dpo_exp.config import ConfigError
     with pytest.raises(ConfigError, match=r"bad.csv.gz:2: field 'preferred' is 'A'"):
-        calibrate(judging_cfg("calibrate=bad.csv.gz", "judge=api", f"judge.base_url={server.url}",
+        calibrate(compose_judging("calibrate=bad.csv.gz", "judge=api", f"judge.base_url={server.url}",
                               "judge.api_key_env=DPO_EXP_TEST_JUDGE_KEY", *test_prompt))
 
 
@@ -393,7 +383,7 @@ def test_the_plot_reads_the_same_win_rates_from_a_summary_as_a_wandb_group_would
     from dpo_exp.judge import judge_runs
 
     run = judged_runs["sft"]
-    judge_runs(judging_cfg(f"runs=[{run}]", "judge=reward_model", f"cache_dir={tmp_path}"))
+    judge_runs(compose_judging(f"runs=[{run}]", "judge=reward_model", f"cache_dir={tmp_path}"))
     spec = importlib.util.spec_from_file_location("winrate_plot", ROOT / "scripts" / "winrate_plot.py")
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)

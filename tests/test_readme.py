@@ -41,7 +41,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, SHARED_DATA, assert_valid_hub_ids, hub_values, is_local_path, run_cli
+from conftest import ROOT, SHARED_DATA, assert_valid_hub_ids, compose_judging, hub_values, is_local_path, run_cli
 from dpo_exp.config import register_configs, validate
 
 README = ROOT / "README.md"
@@ -285,29 +285,18 @@ def check_torchrun(command: Command, repo: Path) -> str:
     return "ran at smoke budget: 2 processes"
 
 
-def compose_judging(overrides: list[str]):
-    from dpo_exp.judging.config import register_judging_configs
-
-    register_judging_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("judging", overrides=[*overrides, "cache_dir=/tmp/dpo_exp_readme_judge_cache"])
-
-
 JUDGE = [c for c in COMMANDS if c.kind == "judge"]
 
 
 @pytest.mark.parametrize("command", JUDGE, ids=[f"line{c.line}" for c in JUDGE])
 def test_every_documented_judge_command_composes(command):
-    cfg = compose_judging(list(command.argv[3:]))
+    cfg = compose_judging(*command.argv[3:], "cache_dir=/tmp/dpo_exp_readme_judge_cache")
     assert cfg.runs or cfg.calibrate, f"{command}: judges nothing"
 
 
 def check_judge(command: Command, repo: Path) -> str:
-    import runpy
-    import warnings
-
     overrides = list(command.argv[3:])
-    cfg = compose_judging(overrides)
+    cfg = compose_judging(*overrides, "cache_dir=/tmp/dpo_exp_readme_judge_cache")
     if cfg.judge.name == "api":
         return "composed only: needs a chat-completions endpoint and its key"
     if cfg.judge.name == "hf" and not (repo / cfg.judge.path).exists():
@@ -318,17 +307,7 @@ def check_judge(command: Command, repo: Path) -> str:
     else:
         for path in [*cfg.runs, *([] if cfg.baseline in ("initial", "reference") else [cfg.baseline])]:
             assert (repo / path).exists(), f"{command}: reads {path}, which no command before it made"
-    argv = sys.argv
-    sys.argv = ["dpo_exp.judge", *overrides, f"cache_dir={repo / 'outputs' / 'cache'}"]
-    try:
-        with warnings.catch_warnings():  # imported already by this test; running it as __main__ is intended
-            warnings.filterwarnings("ignore", message="'dpo_exp.judge' found in sys.modules", category=RuntimeWarning)
-            runpy.run_module("dpo_exp.judge", run_name="__main__", alter_sys=True)
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise AssertionError(f"{command}: exited with {exit_.code}") from exit_
-    finally:
-        sys.argv = argv
+    run_cli(*overrides, f"cache_dir={repo / 'outputs' / 'cache'}", module="dpo_exp.judge")
     if not cfg.calibrate:
         from dpo_exp.judge import expand_runs
 

@@ -19,11 +19,16 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def launched_world_size() -> int:
+    """WORLD_SIZE as torchrun (or the SLURM launcher) set it, before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_device(name: str) -> torch.device:
     """trainer.device as a device; under torchrun `auto` and `cuda` are this rank's own GPU (LOCAL_RANK)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if name == "cuda" and launched_world_size() > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
