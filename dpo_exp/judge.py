@@ -7,7 +7,7 @@ prompt, with a baseline's response to the same prompt:
 
 - `baseline=initial`: the run's own policy before training (its step-0 samples at that temperature, or
   π_SFT sampled now): "against π_SFT";
-- `baseline=reference`: the held-out pairs' chosen response (HH's chosen response; a dataset's reference);
+- `baseline=reference`: the dataset's reference response to each held-out prompt (TL;DR's human reference summary, HH's chosen response; the held-out pair's chosen response where there is none);
 - `baseline=RUN_DIR`: another run's samples at the same temperature (head to head).
 
 Each comparison is shown in an order drawn from a seeded RNG and the verdict mapped back; ties and unusable
@@ -127,11 +127,9 @@ class JudgedRun:
         return rows
 
     def references(self) -> dict[str, str]:
-        """prompt -> the held-out pair's chosen response (the first pair of each prompt)."""
-        out: dict[str, str] = {}
-        for pair in self.prepared.eval_pairs:
-            out.setdefault(pair.prompt, pair.chosen)
-        return out
+        """prompt -> the dataset's reference response (TL;DR's reference summary, HH's chosen response)."""
+        prep = self.prepared
+        return prep.task.reference_responses(prep.tokenizer, prep.eval_pairs)
 
 
 def load_run_config(run: Path):
@@ -234,7 +232,7 @@ def judge_run(cfg, run: JudgedRun, judge: Judge, temperatures: list[float]) -> d
     for t in temperatures:
         policy, source = run.samples(t, cfg.step, "final", cfg.sample_missing)
         if label == "reference":
-            base, base_source = {p: [r] for p, r in run.references().items()}, "held-out pairs' chosen responses"
+            base, base_source = {p: [r] for p, r in run.references().items()}, "the dataset's reference responses"
         else:
             base_rows, base_source = (run.samples(t, None, "initial", cfg.sample_missing) if other is None
                                       else other.samples(t, None, "final", cfg.sample_missing))
@@ -268,7 +266,7 @@ def judge_run(cfg, run: JudgedRun, judge: Judge, temperatures: list[float]) -> d
                  for c, v, again in judged]
     entry = {"judge": cfg.judge.name, "judge_model": judge_model(cfg), "baseline": label,
              "prompt_template": getattr(judge, "template", {}).get("name"), "seed": cfg.seed,
-             "temperatures": results, "tally": judge.tally()}
+             "step": cfg.step, "temperatures": results, "tally": judge.tally()}
     write_results(run, entry, rows, cfg)
     return entry
 
@@ -288,12 +286,13 @@ def fmt(value) -> str:
 
 def write_results(run: JudgedRun, entry: dict, rows: list[dict], cfg) -> None:
     """winrates.json (one entry per judge and baseline), the judged comparisons, summary.json keys, W&B."""
-    key = f"{entry['judge']}/vs_{entry['baseline']}"
+    at_step = "" if entry["step"] is None else f"/step_{entry['step']}"  # step=0 (before training) beside the last
+    key = f"{entry['judge']}/vs_{entry['baseline']}{at_step}"
     file = run.path / WINRATES_FILE
     everything = json.loads(file.read_text()) if file.exists() else {}
     everything[key] = entry
     write_json(file, everything)
-    judged = run.path / f"judgements_{entry['judge']}_vs_{entry['baseline']}.jsonl"
+    judged = run.path / f"judgements_{key.replace('/', '_')}.jsonl"
     judged.write_text("".join(json.dumps(r) + "\n" for r in rows))
     flat = {}
     for t, stats in entry["temperatures"].items():

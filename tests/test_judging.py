@@ -253,6 +253,23 @@ def test_a_run_judged_against_itself_ties_everywhere_and_results_land_beside_its
     assert summary["winrate/reward_model/vs_dpo/T=1"] == 0.5 and summary["steps"] == 4  # added, nothing lost
 
 
+def test_step_0_judges_the_policy_before_training_and_is_kept_beside_the_last_step(judged_runs, tmp_path):
+    from dpo_exp.judge import judge_runs
+
+    run = judged_runs["dpo"]
+    judge_runs(compose_judging(f"runs=[{run}]", "baseline=initial", "judge=reward_model", f"cache_dir={tmp_path}"))
+    judge_runs(compose_judging(f"runs=[{run}]", "baseline=initial", "judge=reward_model", "step=0",
+                               f"cache_dir={tmp_path}"))
+    everything = json.loads((run / "winrates.json").read_text())
+    before, after = everything["reward_model/vs_initial/step_0"], everything["reward_model/vs_initial"]
+    assert before["step"] == 0 and after["step"] is None
+    for t, stats in before["temperatures"].items():  # step-0 samples are the initial policy's: ties
+        assert stats["ties"] == stats["judged"] > 0 and "at step 0" in stats["samples"]
+        assert "at step 4" in after["temperatures"][t]["samples"]
+    assert (run / "judgements_reward_model_vs_initial_step_0.jsonl").exists()
+    assert "winrate/reward_model/vs_initial/step_0/T=1" in json.loads((run / "summary.json").read_text())
+
+
 def test_the_reward_model_judge_scores_runs_head_to_head_and_is_order_blind(judged_runs, tmp_path):
     from dpo_exp.judge import judge_runs
 
@@ -315,6 +332,23 @@ def write_recorded(path, rows) -> None:
         writer = csv.DictWriter(f, fieldnames=["query", "postprocessed_response", "reference_responses", "preferred"])
         writer.writeheader()
         writer.writerows(rows)
+
+
+def test_the_reference_baseline_of_tldr_is_the_human_summary_not_the_preferred_one(smoke_cfg, tmp_path):
+    """In the judged TL;DR file the preferred summary is often the model's: the paper's baseline is the
+    reference summary whichever one the record preferred."""
+    from dpo_exp.tasks import build_task
+
+    rows = [{"query": f"post {i} TL;DR:", "postprocessed_response": f" model summary {i}",
+             "reference_responses": f" human summary {i}", "preferred": "ours" if i % 2 else "reference"}
+            for i in range(8)]
+    write_recorded(tmp_path / "judged.csv.gz", rows)
+    cfg = smoke_cfg("task=preference", "data=tldr", f"data.path={tmp_path / 'judged.csv.gz'}", "data.eval_size=4")
+    task = build_task(cfg)
+    _, eval_pairs, _ = task.preference_pairs(Path("unused"), None)
+    assert {p.chosen for p in eval_pairs} & {f" model summary {i}" for i in range(8)}  # a model summary was preferred
+    references = task.reference_responses(None, eval_pairs)
+    assert references == {p.prompt: " human summary " + p.prompt.split()[1] for p in eval_pairs}
 
 
 def test_calibration_measures_agreement_with_recorded_verdicts(server, tmp_path, monkeypatch):

@@ -27,6 +27,9 @@ class Task(Protocol):
     def eval_prompts(self, tokenizer, eval_pairs: Sequence[PreferencePair]) -> Sequence[str]:
         """Held-out prompts for generation-based evaluation."""
 
+    def reference_responses(self, tokenizer, eval_pairs: Sequence[PreferencePair]) -> dict[str, str]:
+        """prompt -> the dataset's reference response to each held-out prompt (the win-rate baseline)."""
+
 
 def build_task(cfg) -> Task:
     from dpo_exp.tasks.preference import PreferenceTask

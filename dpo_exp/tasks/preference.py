@@ -87,3 +87,17 @@ class PreferenceTask:
 
     def eval_prompts(self, tokenizer, eval_pairs: list[PreferencePair]) -> list[str]:
         return list(dict.fromkeys(p.prompt for p in eval_pairs))[:self.cfg.eval.num_prompts]
+
+    def reference_responses(self, tokenizer, eval_pairs: list[PreferencePair]) -> dict[str, str]:
+        """The dataset's SFT target of each held-out prompt: TL;DR's human reference summary (not the
+        preferred summary of the pair, which in the judged file is often the model's), HH's chosen response;
+        the held-out pair's chosen response where the file has no SFT target for the prompt."""
+        prompts = {p.prompt for p in eval_pairs}
+        out: dict[str, str] = {}
+        split = "eval" if self._has_eval_source() else "train"
+        for example in self._load(split, "sft", tokenizer).pairs:
+            if example.prompt in prompts:
+                out.setdefault(example.prompt, example.chosen)
+        for pair in eval_pairs:
+            out.setdefault(pair.prompt, pair.chosen)
+        return out

@@ -76,6 +76,13 @@ class SentimentTask:
         return self._prefixes(self.eval_texts, self.cfg.eval.num_prompts, tokenizer, seed=self.cfg.seed + 2,
                               exclude=frozenset(self.train_prompts(tokenizer)))
 
+    def reference_responses(self, tokenizer, eval_pairs) -> dict[str, str]:
+        """Reviews have no reference continuation: the held-out pairs' chosen samples, by prompt."""
+        out: dict[str, str] = {}
+        for pair in eval_pairs:
+            out.setdefault(pair.prompt, pair.chosen)
+        return out
+
     def held_out_pair_prompts(self, tokenizer, train_prompts: list[str] | None = None) -> list[str]:
         """Prompts of the held-out pairs: prefixes of held-out reviews, none of them a training prompt."""
         train_prompts = self.train_prompts(tokenizer) if train_prompts is None else train_prompts
