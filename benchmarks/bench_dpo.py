@@ -1,17 +1,28 @@
 """Benchmark: DPO training throughput of dpo_exp against TRL's DPOTrainer, same model, data and settings.
 
-What it measures, per implementation (one row each):
-- pairs/s and s/step over the timed steps (all steps but the first --warmup-steps-excluded),
+What it measures, per row (an implementation and a variant of its options):
+- pairs/s, tokens/s and s/step over the timed steps (all steps but the first --warmup-steps-excluded),
   wall time from the end of one optimizer step to the end of the next, so batch fetching,
   collation, forward/backward, clipping, the optimizer and per-step metrics all count;
+- the executed FLOPs of every step (torch FlopCounterMode, entered around each step in both
+  implementations alike) and the achieved FLOP rate, as a fraction of this machine's own big-matmul
+  peak in float32 or bfloat16, measured in the same run before and after the rows;
 - peak RSS of the process that trained (VmHWM, see `peak_rss_bytes`);
 - the loss of every step, so the parent can check that both compute the same objective.
+
+Rows (--rows, DPO_EXP_OPTIONS): dpo_exp `padded` (left-padded, resident π_ref), `fp32` (the default
+path: shared prompts), `pack` (padding-free packing), `share+pack`, `precompute` (π_ref log-probs
+precomputed), `bf16` (autocast) and `fastest` (all of them); each against TRL's closest configuration
+(TRL_COUNTERPART: TRL 1.16 has no prompt sharing and its padding_free is disabled, so those face its
+fp32 row; its fastest is bf16 autocast with precomputed reference log-probs, without gradient
+checkpointing). --scaling adds a table of step times as max_length grows (128 to 1024) and for a
+long-prompt and a long-response shape.
 
 The fixed configuration (../shared/docs/reference.md §5): a randomly initialised 8.4M-parameter
 Llama (vocab 8192, hidden 256, FFN 1024, 4 layers, 4 heads), 512 synthetic preference pairs
 (prompt 64 words, responses 64–128 words from a seeded pseudo-word list, one token per word),
 batch 8 pairs, max_length 256, β = 0.1, sigmoid DPO, fused AdamW lr 1e-6, constant schedule,
-grad clip 10, dropout off, fp32, no gradient checkpointing, 30 steps, first 5 excluded.
+grad clip 10, dropout off, no gradient checkpointing, 30 steps, first 5 excluded.
 
 How the comparison is kept fair:
 - The parent builds the fixture once (tokenizer, weights via save_pretrained, pairs, step plan)
@@ -19,14 +30,14 @@ How the comparison is kept fair:
   it, so both start from identical weights and the peak RSS of one is not polluted by the
   other (or by the parent).
 - dpo_exp is driven through its real training path: data.tokenize_dataset, algorithms,
-  reference.Reference and trainer.Trainer.train_step, with the step order of Trainer.plan.
+  reference.Reference and Loop.train_iteration, with the algorithm's own step plan.
   TRL gets the same pairs, in that order, with a sequential sampler.
 - Nothing is truncated at these lengths (longest sequence 1 + 64 + 129 tokens < 256), so the
   two truncation rules (dpo_exp: prompt end kept, response cut; TRL 1.16: keep_start on the
   whole sequence, no max_prompt_length) cannot make the objectives differ; the parent checks it.
 - Same torch thread count in every subprocess (--threads).
 - Checks that both compute the same objective: TRL's token ids must equal dpo_exp's for every
-  pair; the losses of every step must agree to --loss-tolerance (fp32); and the first step's
+  pair; the losses of every step must agree to --loss-tolerance (fp32 rows); and the first step's
   mean summed policy log-probs are compared. Step 1's loss is log 2 for any tokenization
   (policy == reference), so it is the later steps and the log-probs that catch a difference.
 
@@ -34,11 +45,12 @@ Timings on a shared machine: the `cores` column is CPU seconds per wall second w
 below ~90% of --threads, another process took CPU and the row is flagged. --repeats N runs the
 rows alternately N times and keeps each row's fastest run.
 
-Run (from the repository root; a few minutes on 2 CPU cores):
+Run (from the repository root; a few minutes per row set on 2 CPU cores):
 
-    python benchmarks/bench_dpo.py                     # dpo_exp fp32 vs TRL fp32
-    python benchmarks/bench_dpo.py --bf16 --precompute-ref --json bench.json   # extra rows
-    python benchmarks/bench_dpo.py --impl dpo_exp      # without TRL
+    python benchmarks/bench_dpo.py                                  # padded and default fp32 vs TRL fp32
+    python benchmarks/bench_dpo.py --rows all --bf16 --precompute-ref --repeats 2 --json bench.json
+    python benchmarks/bench_dpo.py --scaling                        # plus the scaling table
+    python benchmarks/bench_dpo.py --impl dpo_exp                   # without TRL
 
 TRL is optional (`pip install -e .[bench]`); without it only the dpo_exp rows run.
 This is a benchmark, not a test: it exits non-zero only if the fp32 losses disagree.
@@ -65,8 +77,31 @@ if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/bench_dpo.py` wi
 
 # Special tokens of the synthetic tokenizer; pad is distinct from EOS (reference.md §4).
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
-ROW_ORDER = [("dpo_exp", "fp32"), ("trl", "fp32"), ("dpo_exp", "precompute"), ("trl", "precompute"),
-             ("dpo_exp", "bf16"), ("trl", "bf16")]
+# A row is (implementation, variant). dpo_exp's variants switch its options; TRL runs its closest configuration,
+# the variant named in TRL_COUNTERPART (TRL 1.16 has no prompt sharing, and its padding_free is disabled).
+DPO_EXP_OPTIONS = {
+    "padded": {},                                                  # left-padded, resident π_ref, fp32
+    "fp32": {"share_prompt": True},                                # the default path: shared prompts
+    "precompute": {"share_prompt": True, "precompute": True},
+    "bf16": {"share_prompt": True, "bf16": True},
+    "pack": {"pack": True},                                        # padding-free packing alone
+    "share+pack": {"share_prompt": True, "pack": True},
+    "fastest": {"share_prompt": True, "pack": True, "precompute": True, "bf16": True},
+}
+TRL_OPTIONS = {"fp32": {}, "precompute": {"precompute": True}, "bf16": {"bf16": True},
+               "fastest": {"precompute": True, "bf16": True}}       # TRL's fastest: bf16 autocast + precomputed π_ref
+TRL_COUNTERPART = {"padded": "fp32", "fp32": "fp32", "precompute": "precompute", "bf16": "bf16", "pack": "fp32",
+                   "share+pack": "fp32", "fastest": "fastest"}
+ROW_ORDER = [("dpo_exp", "padded"), ("dpo_exp", "fp32"), ("trl", "fp32"), ("dpo_exp", "precompute"),
+             ("trl", "precompute"), ("dpo_exp", "bf16"), ("trl", "bf16"), ("dpo_exp", "pack"), ("dpo_exp", "share+pack"),
+             ("dpo_exp", "fastest"), ("trl", "fastest")]
+# The scaling table: step times as the sequences grow, and two shapes whose prompt or responses dominate.
+SHAPES = {  # name: (prompt words, response words (min, max), max_length, max_prompt_length)
+    "length 128": (32, (32, 64), 128, 64), "length 256": (64, (64, 128), 256, 128),
+    "length 512": (128, (128, 256), 512, 256), "length 1024": (256, (256, 512), 1024, 512),
+    "long prompt (HH-like)": (384, (32, 96), 512, 448), "long response (TL;DR-like)": (32, (192, 448), 512, 128),
+}
+SCALING_ROWS = [("dpo_exp", "padded"), ("dpo_exp", "share+pack"), ("trl", "fp32")]
 
 
 # ---- fixture: built once by the parent, loaded by every worker ----------------------------
@@ -147,7 +182,8 @@ def build_fixture(workdir: Path, settings: dict) -> None:
     model.save_pretrained(workdir / "model")  # both implementations load these same weights
     del model
 
-    pairs = build_pairs(words, settings["pairs"], 64, (64, 128), settings["seed"])
+    pairs = build_pairs(words, settings["pairs"], settings["prompt_words"], tuple(settings["response_words"]),
+                        settings["seed"])
     save_pairs(pairs, workdir / "pairs.jsonl")
     tokenized, _ = tokenize_dataset(tokenizer, pairs, settings["max_length"], settings["max_prompt_length"])
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in tokenized)
@@ -156,6 +192,8 @@ def build_fixture(workdir: Path, settings: dict) -> None:
         print(f"warning: sequences are truncated (longest {longest} tokens, prompt {longest_prompt}); dpo_exp and "
               "TRL 1.16 truncate differently, so their losses are not expected to agree", file=sys.stderr)
     settings["longest_sequence"] = longest
+    settings["tokens_per_pair"] = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                                      for p in tokenized) / len(tokenized)  # as fed unshared: the rate's unit
     # dpo_exp's token ids, for the TRL worker to check that it tokenized identically
     (workdir / "tokens.json").write_text(json.dumps(
         [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in tokenized]))
@@ -218,7 +256,7 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
 
     from dpo_exp.algorithms import Resources, algorithm_class
     from dpo_exp.config import LossConfig, OptimizerConfig, OptimizerName, TrainerConfig
-    from dpo_exp.data import load_pairs, tokenize_dataset
+    from dpo_exp.data import PairLayout, load_pairs, tokenize_dataset
     from dpo_exp.loggers import RunLogger
     from dpo_exp.loop import Loop, LoopSettings, seed_everything
     from dpo_exp.models import freeze, load_model
@@ -230,14 +268,18 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
     pairs, _ = tokenize_dataset(tokenizer, load_pairs(workdir / "pairs.jsonl"), settings["max_length"],
                                 settings["max_prompt_length"], keep_prompt_end=True)
     model_dir = str(workdir / "model")
-    precision = "bf16" if variant == "bf16" else "fp32"
+    options = DPO_EXP_OPTIONS[variant]
+    precision = "bf16" if options.get("bf16") else "fp32"
     policy = load_model(model_dir, torch.float32)  # fp32 master weights; bf16 is autocast, as in dpo_exp
     policy.train()
+    trainer = TrainerConfig(batch_size=settings["batch_size"], max_steps=settings["steps"], device="cpu",
+                            precision=precision, share_prompt=options.get("share_prompt", False),
+                            pack=options.get("pack", False))
 
     setup_start = time.perf_counter()
-    precompute = variant == "precompute"
+    precompute = options.get("precompute", False)
     reference = Reference(lambda: freeze(load_model(model_dir, torch.float32)), resident=not precompute,
-                          precision=precision)
+                          precision=precision, layout=PairLayout.of(trainer))
     if precompute:  # one pass over all pairs; the reference model is freed afterwards
         reference.precompute("train", pairs, tokenizer.pad_token_id, settings["batch_size"])
     setup_seconds = time.perf_counter() - setup_start
@@ -245,8 +287,7 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
     out_dir = Path(tempfile.mkdtemp(prefix="dpo_exp_run_", dir=workdir))  # removed with the fixture
     cfg = OmegaConf.create({
         "loss": OmegaConf.structured(LossConfig(name="dpo", beta=settings["beta"])),
-        "trainer": OmegaConf.structured(TrainerConfig(batch_size=settings["batch_size"], max_steps=settings["steps"],
-                                                      device="cpu", precision=precision)),
+        "trainer": OmegaConf.structured(trainer),
         "optimizer": OmegaConf.structured(OptimizerConfig(name=OptimizerName.adamw, lr=settings["lr"], warmup_steps=0,
                                                           max_grad_norm=settings["max_grad_norm"])),
         "seed": settings["seed"]})
@@ -258,15 +299,26 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
     if algorithm.plan != plan:
         raise RuntimeError("the algorithm's batch plan differs from the plan given to TRL; the loss comparison would be void")
 
-    losses, logps, step_ends = [], [], []
+    losses, logps, step_ends, flops = [], [], [], []
+    profiler = None
+    if settings.get("profile"):  # --profile: where a step's time goes (the timing is then not comparable)
+        from torch.profiler import ProfilerActivity, profile
+        profiler = profile(activities=[ProfilerActivity.CPU])
+        loop.settings.count_flops = False
     start = now()
-    for _ in range(loop.iterations):  # the body of Loop.fit without its logging and eval
-        metrics, _, _ = loop.train_iteration()
+    for step in range(loop.iterations):  # the body of Loop.fit without its logging and eval
+        if profiler is not None and step == settings["warmup_steps_excluded"]:
+            profiler.__enter__()
+        metrics, _, _ = loop.train_iteration()  # counts the step's executed FLOPs (torch FlopCounterMode)
         step_ends.append(now())
+        flops.append(loop.flops - sum(flops))
         losses.append(metrics["loss"])
         logps.append([metrics["logps/chosen"], metrics["logps/rejected"]])
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"losses": losses, "policy_logps": logps, "setup_seconds": setup_seconds,
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+    return {"losses": losses, "policy_logps": logps, "setup_seconds": setup_seconds, "step_flops": flops,
             **timing(step_ends, start, settings["warmup_steps_excluded"], settings["batch_size"])}
 
 
@@ -280,17 +332,25 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
 
     from dpo_exp.data import load_pairs
 
+    from torch.utils.flop_counter import FlopCounterMode
+
     class StepTimer(TrainerCallback):
-        """End time of every optimizer step, and the loss and mean policy log-probs TRL logs for it."""
+        """End time and executed FLOPs of every optimizer step (FlopCounterMode, as dpo_exp's loop counts them),
+        and the loss and mean policy log-probs TRL logs for it."""
 
         def __init__(self):
-            self.start, self.step_ends, self.losses, self.logps = None, [], [], []
+            self.start, self.step_ends, self.losses, self.logps, self.flops = None, [], [], [], []
+            self.counter = None
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.start is None:
                 self.start = now()
+            self.counter = FlopCounterMode(display=False)
+            self.counter.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
+            self.counter.__exit__(None, None, None)
+            self.flops.append(self.counter.get_total_flops())
             self.step_ends.append(now())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -310,6 +370,7 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
                                  "rejected": [pairs[i].rejected for i in order]})
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
+    options = TRL_OPTIONS[variant]
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32, attn_implementation="sdpa")
     out_dir = Path(tempfile.mkdtemp(prefix="trl_run_", dir=workdir))
     args = DPOConfig(
@@ -317,8 +378,8 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
         max_steps=settings["steps"], learning_rate=settings["lr"], lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=settings["max_grad_norm"], optim="adamw_torch_fused",
         beta=settings["beta"], loss_type=["sigmoid"], max_length=settings["max_length"],
-        bf16=variant == "bf16", gradient_checkpointing=False,  # DPOConfig defaults both to True
-        precompute_ref_log_probs=variant == "precompute", precompute_ref_batch_size=settings["batch_size"],
+        bf16=options.get("bf16", False), gradient_checkpointing=False,  # DPOConfig defaults both to True
+        precompute_ref_log_probs=options.get("precompute", False), precompute_ref_batch_size=settings["batch_size"],
         train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, report_to="none",
         save_strategy="no", eval_strategy="no", disable_tqdm=True, use_cpu=True, seed=settings["seed"])
     timer = StepTimer()
@@ -337,8 +398,27 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
     trainer.train()
     shutil.rmtree(out_dir, ignore_errors=True)
     return {"losses": timer.losses, "policy_logps": timer.logps, "setup_seconds": setup_seconds,
-            "tokenization_mismatches": mismatched,
+            "tokenization_mismatches": mismatched, "step_flops": timer.flops,
             **timing(timer.step_ends, timer.start, settings["warmup_steps_excluded"], settings["batch_size"])}
+
+
+def matmul_peaks(threads: int, size: int = 2048, seconds: float = 1.5) -> dict:
+    """The machine's big-matmul rate in float32 and bfloat16 (GFLOP/s, best of repeated timed bursts), the
+    denominators of the rows' FLOP-rate fractions: measured in the same run because CPUs of one kind differ
+    (AMX units make bfloat16 several times faster than float32 on some, slower on others)."""
+    import torch
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.mm(a, b)  # warm-up (allocations, kernel choice)
+        best, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * size ** 3 / (time.perf_counter() - t0))
+        out[name] = best / 1e9
+    return out
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -346,8 +426,14 @@ def worker(args: argparse.Namespace) -> None:
     settings = json.loads((workdir / "settings.json").read_text())
     import torch
     torch.set_num_threads(settings["threads"])  # identical for every row
+    if args.worker == "peak":
+        Path(args.json).write_text(json.dumps(matmul_peaks(settings["threads"])))
+        return
     run = run_dpo_exp if args.worker == "dpo_exp" else run_trl
     result = run(workdir, settings, args.variant)
+    timed_flops = sum(result["step_flops"][settings["warmup_steps_excluded"]:])
+    result["gflops_per_second"] = timed_flops / result["timed_seconds"] / 1e9
+    result["tokens_per_second"] = result["pairs_per_second"] * settings["tokens_per_pair"]
     result.update(impl=args.worker, variant=args.variant, peak_rss_bytes=peak_rss_bytes(),
                   threads=torch.get_num_threads())
     Path(args.json).write_text(json.dumps(result))
@@ -356,7 +442,7 @@ def worker(args: argparse.Namespace) -> None:
 # ---- parent: build, spawn, report ------------------------------------------------------------
 
 def spawn(impl: str, variant: str, workdir: Path) -> dict:
-    out = workdir / f"result_{impl}_{variant}.json"
+    out = workdir / f"result_{impl}_{variant.replace('+', '_')}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--variant", variant,
            "--workdir", str(workdir), "--json", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -369,7 +455,8 @@ def spawn(impl: str, variant: str, workdir: Path) -> dict:
         tail = (proc.stdout + proc.stderr)[-4000:]
         raise SystemExit(f"worker {impl} {variant} exited with {proc.returncode}:\n{tail}")
     result = json.loads(out.read_text())
-    print(f"{result['pairs_per_second']:.2f} pairs/s")
+    print(f"{result['fp32']:.0f} / {result['bf16']:.0f} GFLOP/s" if impl == "peak"
+          else f"{result['pairs_per_second']:.2f} pairs/s")
     return result
 
 
@@ -401,7 +488,7 @@ def compare_losses(left: dict, right: dict) -> dict:
             "step1_logps_max_rel_diff": max(abs(lc - rc) / abs(rc), abs(lr - rr) / abs(rr))}
 
 
-def report(rows: dict, settings: dict, tolerance: float) -> tuple[dict, bool]:
+def report(rows: dict, settings: dict, peaks: dict, tolerance: float) -> tuple[dict, bool]:
     """Print the table, the speed ratios and the loss agreement; return them and whether fp32 losses agree."""
     gib = 1024 ** 3
     print()
@@ -410,16 +497,22 @@ def report(rows: dict, settings: dict, tolerance: float) -> tuple[dict, bool]:
           f"{settings['batch_size']}, {settings['steps']} steps ({settings['warmup_steps_excluded']} excluded), "
           f"{settings['threads']} torch threads, lr {settings['lr']:g}, beta {settings['beta']}"
           + (f", fastest of {repeats} runs per row" if repeats > 1 else ""))
-    header = f"{'implementation':<22} {'pairs/s':>8} {'s/step':>8} {'median':>7} {'peak RSS':>10} {'setup s':>8} " \
-             f"{'cores':>6} {'loss@1':>9} {'loss@last':>10}"
+    print(f"machine peak (one {2048}x{2048} matmul, best burst): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.0f} GFLOP/s")
+    header = f"{'implementation':<22} {'pairs/s':>8} {'tokens/s':>9} {'median s':>8} {'GFLOP/s':>8} {'of peak':>7} " \
+             f"{'peak RSS':>10} {'setup s':>8} {'cores':>6} {'loss@last':>10}"
     print(header)
     print("-" * len(header))
     for (impl, variant), r in rows.items():
-        print(f"{impl + ' ' + variant:<22} {r['pairs_per_second']:>8.2f} {r['seconds_per_step']:>8.3f} "
-              f"{r['median_seconds_per_step']:>7.3f} {r['peak_rss_bytes'] / gib:>6.2f} GiB {r['setup_seconds']:>8.1f} "
-              f"{r['cores_busy']:>6.2f} {r['losses'][0]:>9.6f} {r['losses'][-1]:>10.6f}")
-    print("(s/step: mean over timed steps; median: their median; setup: reference precompute, and TRL's dataset "
-          "tokenization; cores: CPU s per wall s while timed, below the thread count if other processes competed)")
+        bf16 = (DPO_EXP_OPTIONS if impl == "dpo_exp" else TRL_OPTIONS)[variant].get("bf16", False)
+        r["fraction_of_peak"] = r["gflops_per_second"] / peaks["bf16" if bf16 else "fp32"]
+        print(f"{impl + ' ' + variant:<22} {r['pairs_per_second']:>8.2f} {r['tokens_per_second']:>9.0f} "
+              f"{r['median_seconds_per_step']:>8.3f} {r['gflops_per_second']:>8.1f} {r['fraction_of_peak']:>7.0%} "
+              f"{r['peak_rss_bytes'] / gib:>6.2f} GiB {r['setup_seconds']:>8.1f} {r['cores_busy']:>6.2f} "
+              f"{r['losses'][-1]:>10.6f}")
+    print("(tokens/s: pair tokens as fed unshared, prompt twice; GFLOP/s: executed FLOPs (FlopCounterMode) of the "
+          "timed steps per second, of peak: against the matching fp32 or bf16 matmul peak; setup: reference "
+          "precompute and TRL's tokenization; cores: CPU s per wall s, below the thread count if others competed)")
 
     disturbed = [f"{impl} {variant}" for (impl, variant), r in rows.items()
                  if r["cores_busy"] < 0.9 * settings["threads"]]
@@ -430,23 +523,26 @@ def report(rows: dict, settings: dict, tolerance: float) -> tuple[dict, bool]:
 
     ratios, agreement, ok = {}, {}, True
     print()
-    for variant in ("fp32", "precompute", "bf16"):
-        ours, theirs = rows.get(("dpo_exp", variant)), rows.get(("trl", variant))
-        if ours and theirs:
-            ratio = ours["pairs_per_second"] / theirs["pairs_per_second"]
-            # both saw the same batches, so the ratio of median step times is comparable too,
-            # and less sensitive to a burst of outside load than the ratio of totals
-            median_ratio = theirs["median_seconds_per_step"] / ours["median_seconds_per_step"]
-            ratios[variant] = {"pairs_per_second": ratio, "median_step": median_ratio}
-            target = "  (target >= 1.5x: " + ("met" if ratio >= 1.5 else "NOT met") + ")" if variant == "fp32" else ""
-            print(f"speed ratio dpo_exp / TRL, {variant}: {ratio:.2f}x pairs/s, {median_ratio:.2f}x by median "
-                  f"step{target}")
-    pairs_to_check = [(("dpo_exp", "fp32"), ("trl", "fp32")), (("dpo_exp", "precompute"), ("trl", "precompute")),
-                      (("dpo_exp", "fp32"), ("dpo_exp", "precompute")), (("dpo_exp", "bf16"), ("trl", "bf16"))]
+    for (impl, variant), ours in rows.items():
+        theirs = rows.get(("trl", TRL_COUNTERPART.get(variant, "")))
+        if impl != "dpo_exp" or theirs is None:
+            continue
+        ratio = ours["pairs_per_second"] / theirs["pairs_per_second"]
+        # both saw the same batches, so the ratio of median step times is comparable too,
+        # and less sensitive to a burst of outside load than the ratio of totals
+        median_ratio = theirs["median_seconds_per_step"] / ours["median_seconds_per_step"]
+        memory = ours["peak_rss_bytes"] / theirs["peak_rss_bytes"]
+        ratios[variant] = {"against": f"trl {TRL_COUNTERPART[variant]}", "pairs_per_second": ratio,
+                           "median_step": median_ratio, "peak_rss": memory}
+        print(f"dpo_exp {variant} / TRL {TRL_COUNTERPART[variant]}: {ratio:.2f}x pairs/s, {median_ratio:.2f}x by "
+              f"median step, {memory:.2f}x peak RSS")
+    pairs_to_check = [(("dpo_exp", v), ("trl", TRL_COUNTERPART[v])) for v in DPO_EXP_OPTIONS]
+    pairs_to_check += [(("dpo_exp", "padded"), ("dpo_exp", v)) for v in ("fp32", "pack", "share+pack", "precompute")]
     for left, right in pairs_to_check:
         if left in rows and right in rows:
             cmp = compare_losses(rows[left], rows[right])
-            strict = "bf16" not in (left[1], right[1])  # bf16 autocast paths differ by design
+            options = [DPO_EXP_OPTIONS.get(v, {}) if impl == "dpo_exp" else TRL_OPTIONS[v] for impl, v in (left, right)]
+            strict = not any(o.get("bf16") for o in options)  # bf16 autocast paths differ by design
             passed = cmp["max_abs_diff"] <= tolerance
             ok &= passed or not strict
             name = f"{' '.join(left)} vs {' '.join(right)}"
@@ -466,6 +562,41 @@ def report(rows: dict, settings: dict, tolerance: float) -> tuple[dict, bool]:
     return {"speed_ratio_dpo_exp_over_trl": ratios, "loss_agreement": agreement}, ok
 
 
+def scaling_table(base: dict, impls: list[str], steps: int) -> list[dict]:
+    """s/step of the SCALING_ROWS for every shape of SHAPES, each shape in its own fixture, rows alternating."""
+    out = []
+    for shape, (prompt_words, response_words, max_length, max_prompt_length) in SHAPES.items():
+        settings = {**base, "steps": steps, "warmup_steps_excluded": 2, "pairs": steps * base["batch_size"],
+                    "prompt_words": prompt_words, "response_words": response_words, "max_length": max_length,
+                    "max_prompt_length": max_prompt_length}
+        workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_scaling_"))
+        try:
+            print(f"{shape}: prompt {prompt_words} words, responses {response_words[0]}-{response_words[1]}")
+            build_fixture(workdir, settings)
+            row = {"shape": shape, "tokens_per_pair": settings["tokens_per_pair"]}
+            for impl, variant in SCALING_ROWS:
+                if impl in impls:
+                    r = spawn(impl, variant, workdir)
+                    row[f"{impl} {variant}"] = {"median_seconds_per_step": r["median_seconds_per_step"],
+                                                "seconds_per_step": r["seconds_per_step"], "losses": r["losses"],
+                                                "gflops_per_second": r["gflops_per_second"],
+                                                "peak_rss_bytes": r["peak_rss_bytes"], "cores_busy": r["cores_busy"]}
+            out.append(row)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    names = [f"{i} {v}" for i, v in SCALING_ROWS if i in impls]
+    print(f"\n{'shape':<28} {'tokens/pair':>11} " + " ".join(f"{n + ' s/step':>24}" for n in names)
+          + ("  TRL / dpo_exp" if "trl fp32" in names else ""))
+    for row in out:
+        cells = " ".join(f"{row[n]['median_seconds_per_step']:>24.3f}" for n in names)
+        ratios = ""
+        if "trl fp32" in names:
+            trl = row["trl fp32"]["median_seconds_per_step"]
+            ratios = "  " + ", ".join(f"{trl / row[n]['median_seconds_per_step']:.2f}x" for n in names if n != "trl fp32")
+        print(f"{row['shape']:<28} {row['tokens_per_pair']:>11.0f} {cells}{ratios}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -477,18 +608,27 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=512, help="synthetic preference pairs in the dataset")
     parser.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (constant)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: torch's)")
-    parser.add_argument("--bf16", action="store_true", help="also run bf16-autocast rows")
+    parser.add_argument("--rows", default="padded,fp32",
+                        help="comma-separated dpo_exp variants to run, each with its TRL counterpart, or 'all': "
+                             + ", ".join(DPO_EXP_OPTIONS))
+    parser.add_argument("--bf16", action="store_true", help="also run the bf16 rows (bf16, fastest)")
     parser.add_argument("--precompute-ref", action="store_true",
-                        help="also run rows with reference log-probs precomputed before training")
+                        help="also run the rows with reference log-probs precomputed (precompute, fastest)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also run the scaling table (max_length 128-1024, a long-prompt and a long-response shape)")
+    parser.add_argument("--scaling-steps", type=int, default=8, help="steps per scaling row (first 2 excluded)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every row this many times, alternating rows, and keep each row's fastest run "
                              "(use 2-3 on a shared machine)")
+    parser.add_argument("--profile", metavar="VARIANT",
+                        help="instead of the table: profile the timed steps of this dpo_exp row (torch.profiler, "
+                             "ops by self CPU time) and print where the time goes")
     parser.add_argument("--loss-tolerance", type=float, default=1e-5, help="max |loss diff| per step, fp32")
     parser.add_argument("--json", metavar="OUT", help="write all results to this JSON file")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the fixture folder (weights, pairs)")
     # internal: a worker runs one row in its own process and writes its result to --json
-    parser.add_argument("--worker", choices=["dpo_exp", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=["fp32", "bf16", "precompute"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["dpo_exp", "trl", "peak"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=sorted(DPO_EXP_OPTIONS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -506,11 +646,18 @@ def main() -> None:
             impls.remove("trl")
             if not impls:
                 raise SystemExit(1)
-    variants = ["fp32"] + (["precompute"] if args.precompute_ref else []) + (["bf16"] if args.bf16 else [])
+    variants = list(DPO_EXP_OPTIONS) if args.rows == "all" else args.rows.split(",")
+    unknown = sorted(set(variants) - set(DPO_EXP_OPTIONS))
+    if unknown:
+        raise SystemExit(f"--rows: unknown {', '.join(unknown)}; known: {', '.join(DPO_EXP_OPTIONS)}")
+    variants += (["precompute"] if args.precompute_ref else []) + (["bf16"] if args.bf16 else [])
+    variants += ["fastest"] if args.bf16 and args.precompute_ref else []
+    wanted = {("dpo_exp", v) for v in variants} | {("trl", TRL_COUNTERPART[v]) for v in variants}
 
     settings = {"steps": args.steps, "warmup_steps_excluded": args.warmup_steps_excluded,
                 "batch_size": args.batch_size, "pairs": args.pairs, "lr": args.lr, "beta": 0.1,
-                "max_grad_norm": 10.0, "max_length": 256, "max_prompt_length": 128, "vocab_size": 8192, "seed": 0,
+                "max_grad_norm": 10.0, "prompt_words": 64, "response_words": [64, 128], "max_length": 256,
+                "max_prompt_length": 128, "vocab_size": 8192, "seed": 0,
                 "threads": args.threads or torch.get_num_threads(),
                 "versions": {name: installed_version(name) for name in ("torch", "transformers", "trl")}}
     # On SIGTERM, exit normally instead: the running worker is killed by subprocess.run and the
@@ -519,21 +666,33 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     try:
         print(f"building the fixture in {workdir}")
+        settings["profile"] = bool(args.profile)
         build_fixture(workdir, settings)
+        if args.profile:
+            result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "dpo_exp", "--variant",
+                                     args.profile, "--workdir", str(workdir), "--json", str(workdir / "profile.json")],
+                                    env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, text=True, capture_output=True)
+            print(result.stderr[-12000:])
+            return
+        peaks = [spawn("peak", "fp32", workdir)]
         # Rows alternate within each repeat, so a burst of outside load hits both implementations
         # alike; of the repeats of a row, the fastest is kept (the least disturbed), all are saved.
         runs: dict[tuple[str, str], list[dict]] = {}
         for repeat in range(args.repeats):
             for impl, variant in ROW_ORDER:
-                if impl in impls and variant in variants:
+                if impl in impls and (impl, variant) in wanted:
                     runs.setdefault((impl, variant), []).append(spawn(impl, variant, workdir))
+        peaks.append(spawn("peak", "fp32", workdir))  # before and after the rows: the best of both
+        peak = {k: max(p[k] for p in peaks) for k in ("fp32", "bf16")}
         rows = {key: max(results, key=lambda r: r["pairs_per_second"]) for key, results in runs.items()}
         for key, results in runs.items():
             rows[key]["all_repeats_pairs_per_second"] = [r["pairs_per_second"] for r in results]
-        summary, ok = report(rows, settings, args.loss_tolerance)
+        summary, ok = report(rows, settings, peak, args.loss_tolerance)
+        scaling = scaling_table(settings, impls, args.scaling_steps) if args.scaling else None
         if args.json:
             Path(args.json).write_text(json.dumps(
-                {"settings": settings, "rows": [r for r in rows.values()], **summary}, indent=2))
+                {"settings": settings, "peak_gflops_per_second": peak, "rows": [r for r in rows.values()],
+                 "scaling": scaling, **summary}, indent=2))
             print(f"\nresults written to {args.json}")
     finally:
         if args.keep_workdir:

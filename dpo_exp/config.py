@@ -171,7 +171,7 @@ class SFTConfig:
 class ReferenceConfig:
     enabled: bool = True
     name_or_path: Optional[str] = None
-    precompute: bool = False
+    precompute: Optional[bool] = None  # None: auto (train.precomputes_reference)
 
 
 @dataclass
@@ -187,6 +187,7 @@ class FSDPConfig:
 class TrainerConfig:
     batch_size: int = 64
     grad_accumulation_steps: int = 1
+    micro_batch_tokens: Optional[int] = None
     eval_batch_size: int = 64
     epochs: float = 1.0
     max_steps: Optional[int] = None
@@ -202,6 +203,9 @@ class TrainerConfig:
     precision: Precision = Precision.fp32
     show_progress: bool = True
     count_flops: bool = True
+    share_prompt: bool = False
+    pack: bool = False
+    pack_length: Optional[int] = None
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -404,6 +408,15 @@ def validate(cfg: Any) -> None:
             f"trainer.batch_size={t.batch_size} does not divide evenly into "
             f"trainer.grad_accumulation_steps={t.grad_accumulation_steps} micro-batches; "
             "pick values whose quotient is a whole number (no examples are ever dropped)")
+    if (t.share_prompt or t.pack) and cfg.model.attn_implementation not in ("sdpa", "eager"):
+        raise ConfigError(
+            f"trainer.share_prompt / trainer.pack need a masked attention (model.attn_implementation=sdpa or eager), "
+            f"not {cfg.model.attn_implementation}; set trainer.share_prompt=false trainer.pack=false to use it")
+    if t.micro_batch_tokens is not None and t.micro_batch_tokens <= 0:
+        raise ConfigError(f"trainer.micro_batch_tokens must be a positive number of tokens or null "
+                          f"(got {t.micro_batch_tokens})")
+    if t.pack_length is not None and t.pack_length <= 0:
+        raise ConfigError(f"trainer.pack_length must be a positive number of tokens or null (got {t.pack_length})")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError(
             f"data.max_prompt_length={cfg.data.max_prompt_length} leaves no room for a response "

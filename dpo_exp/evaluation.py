@@ -31,7 +31,7 @@ import torch
 from dpo_exp import distributed
 from dpo_exp.algorithms.base import mean_metric
 from dpo_exp.models import PairLogps
-from dpo_exp.data import TokenizedPair, collate_pairs
+from dpo_exp.data import PADDED, PairLayout, TokenizedPair, collate_pairs
 from dpo_exp.models import Samples, autocast, logps_of_samples, sample, sequence_logps
 from dpo_exp.reference import Reference
 
@@ -57,7 +57,7 @@ class Evaluator:
 
     def __init__(self, algorithm, reference: Optional[Reference], pairs: Sequence[TokenizedPair],
                  prompts: EvalPrompts, tokenizer, gold_reward: Optional[GoldReward], generation, eval_cfg,
-                 batch_size: int, precision: str, seed: int):
+                 batch_size: int, precision: str, seed: int, layout: PairLayout = PADDED):
         self.algorithm = algorithm
         self.reference = reference
         self.pairs = list(pairs)
@@ -74,6 +74,7 @@ class Evaluator:
         self._reference_samples: Optional[Samples] = None
         self._reference_gold: Optional[list[float]] = None
         self.eos_id = tokenizer.eos_token_id
+        self.layout = layout  # of the held-out pairs' batches (trainer.share_prompt, trainer.pack)
 
     def __call__(self, policy, step: int) -> tuple[dict, dict[str, list[list]]]:
         """Metrics and tables {name: rows} of one evaluation."""
@@ -95,7 +96,7 @@ class Evaluator:
             self.reference.precompute("eval", self.pairs, self.tokenizer.pad_token_id, self.batch_size)
         values: dict[str, list[float]] = {}  # [total, count]; under torchrun each rank sums its share of the pairs
         for rows, real in distributed.shared_batches(len(self.pairs), self.batch_size):
-            batch = collate_pairs([self.pairs[i] for i in rows], self.tokenizer.pad_token_id)
+            batch = collate_pairs([self.pairs[i] for i in rows], self.tokenizer.pad_token_id, layout=self.layout)
             with autocast(device, self.precision):
                 seq = sequence_logps(policy, batch)
             pol = PairLogps.split(seq, with_rejected=True)

@@ -41,6 +41,7 @@ Evaluate = Callable[[Any, int], tuple[dict, dict]]  # (model, step) -> (metrics,
 class LoopSettings:
     """The loop's knobs; `from_trainer` reads them from the trainer section (algorithms may override some)."""
     grad_accumulation_steps: int = 1  # micro-batches per optimizer step
+    micro_batch_tokens: Optional[int] = None  # instead: cut each step into micro-batches of at most this many tokens
     eval_every: int = 100             # iterations between evaluations (and at the end)
     eval_at_start: bool = True        # evaluate before the first iteration
     log_every: int = 10               # iterations per logged window of train metrics
@@ -263,12 +264,18 @@ class Loop:
 
     def micro_batches(self, step_batch) -> list[tuple[Any, bool]]:
         """This rank's micro-batches of one step, each with whether it holds rows. One process: the step cut into
-        grad_accumulation_steps parts. N processes: this rank's slice (distributed.step_slice) cut into as many
-        parts as every other rank; a part with no rows is a stand-in (the step's first row, weight 0), since
+        grad_accumulation_steps parts, or (trainer.micro_batch_tokens) into consecutive parts of at most that many
+        tokens. N processes: this rank's slice (distributed.step_slice) cut into as many parts as every other rank; a part with no rows is a stand-in (the step's first row, weight 0), since
         every rank must run as many forward and backward passes as the others."""
         n = len(step_batch)
-        k = min(self.settings.grad_accumulation_steps, max(1, math.ceil(n / distributed.world_size())))
-        parts = np.array_split(distributed.step_slice(n), k)
+        budget = self.settings.micro_batch_tokens
+        if budget is not None and hasattr(step_batch, "token_parts"):
+            parts = step_batch.token_parts(distributed.step_slice(n), budget)
+            k = max(distributed.gather_objects(len(parts)))  # every rank runs as many passes as the busiest
+            parts += [np.array([], dtype=np.int64)] * (k - len(parts))
+        else:
+            k = min(self.settings.grad_accumulation_steps, max(1, math.ceil(n / distributed.world_size())))
+            parts = np.array_split(distributed.step_slice(n), k)
         return [(step_batch.select(rows), True) if len(rows) else (step_batch.select(np.array([0])), False)
                 for rows in parts]
 

@@ -3,7 +3,10 @@
 Three ways to hold it, chosen by config and by what the algorithm declares:
 - resident: a frozen model kept in memory (the DPO paper's setting);
 - precomputed: log-probs of every training pair computed once before training, after
-  which the model is freed (saves a forward pass per step and a model's memory);
+  which the model is freed (saves a forward pass per step and a model's memory); the
+  tables (training and held-out pairs) are kept in the cache, keyed by π_ref, its dtype,
+  the precision and the pairs' token ids, so the jobs of a β sweep and a resumed run
+  compute them once;
 - on demand: a loss that needs no reference never holds one while training; the model is
   loaded only for evaluation (KL(π‖π_ref) on policy samples) and freed afterwards.
 """
@@ -17,13 +20,20 @@ import torch
 from transformers import PreTrainedModel
 
 from dpo_exp import distributed
-from dpo_exp.data import TokenizedPair, collate_pairs
+from dpo_exp.data import PADDED, PairLayout, TokenizedPair, collate_pairs
 from dpo_exp.models import PairLogps, SequenceLogps, autocast, sequence_logps
 
 
+Table = tuple[torch.Tensor, torch.Tensor]                     # (chosen, rejected) summed log-probs by pair index
+Store = Callable[[Sequence[TokenizedPair], Callable[[], Table]], Table]  # (pairs, compute) -> their table
+
+
 class Reference:
-    def __init__(self, load: Callable[[], PreTrainedModel], resident: bool, precision: str = "fp32"):
+    def __init__(self, load: Callable[[], PreTrainedModel], resident: bool, precision: str = "fp32",
+                 layout: PairLayout = PADDED, store: Optional[Store] = None):
         self._load = load
+        self.layout = layout  # how its own batches of pairs are laid out (precompute, logps_of_pairs)
+        self.store = store    # where precomputed tables are kept between runs (train.reference_store: the cache)
         self._model: Optional[PreTrainedModel] = load() if resident else None
         self.resident = resident
         self.precision = precision
@@ -53,13 +63,17 @@ class Reference:
 
     @torch.no_grad()
     def precompute(self, name: str, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int) -> None:
-        """Store reference log-probs of `pairs` (by TokenizedPair.index) under `name`."""
-        size = max(p.index for p in pairs) + 1
-        chosen, rejected = torch.zeros(size), torch.zeros(size)
-        pair_chosen, pair_rejected = self.logps_of_pairs(pairs, pad_id, batch_size)
-        index = torch.tensor([p.index for p in pairs])
-        chosen[index], rejected[index] = pair_chosen, pair_rejected
-        self._tables[name] = (chosen, rejected)
+        """Store reference log-probs of `pairs` (by TokenizedPair.index) under `name`: computed here, or read
+        from `store` where an earlier run (another job of a sweep, the run before a resume) computed them."""
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            size = max(p.index for p in pairs) + 1
+            chosen, rejected = torch.zeros(size), torch.zeros(size)
+            pair_chosen, pair_rejected = self.logps_of_pairs(pairs, pad_id, batch_size)
+            index = torch.tensor([p.index for p in pairs])
+            chosen[index], rejected[index] = pair_chosen, pair_rejected
+            return chosen, rejected
+
+        self._tables[name] = compute() if self.store is None else self.store(pairs, compute)
 
     @torch.no_grad()
     def logps_of_pairs(self, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int
@@ -72,7 +86,8 @@ class Reference:
             out = []
             with self.model() as model:
                 for start in range(0, len(rows), batch_size):
-                    batch = collate_pairs([pairs[i] for i in rows[start:start + batch_size]], pad_id)
+                    batch = collate_pairs([pairs[i] for i in rows[start:start + batch_size]], pad_id,
+                                          layout=self.layout)
                     logps = self._forward(model, batch)
                     out.extend(zip(logps.chosen.cpu().tolist(), logps.rejected.cpu().tolist()))
             return out
@@ -87,7 +102,7 @@ class Reference:
             chosen, rejected = self._tables[table]
             idx = batch["index"]
             b = idx.shape[0]
-            lengths = batch["response_mask"].sum(-1)
+            lengths = batch["lengths"]
             return PairLogps(chosen[idx], rejected[idx] if with_rejected else None, lengths[:b],
                              lengths[b:] if with_rejected else None)
         with self.model() as model:

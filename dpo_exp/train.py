@@ -7,6 +7,7 @@ Returns the configured objective for Hydra sweepers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -23,8 +25,9 @@ from transformers.utils import logging as transformers_logging
 
 from dpo_exp import checkpoint, distributed
 from dpo_exp.algorithms import Needs, Resources
+from dpo_exp.cache import get_or_build
 from dpo_exp.config import ConfigError, algorithm_of, register_configs, validate
-from dpo_exp.data import prompt_token_ids, tokenize_dataset
+from dpo_exp.data import PairLayout, prompt_token_ids, tokenize_dataset
 from dpo_exp.evaluation import EvalPrompts, Evaluator
 from dpo_exp.loggers import FileSink, RunLogger, WandbSink, is_main_process
 from dpo_exp.loop import Diverged, Loop, LoopSettings, Preempted, seed_everything
@@ -120,7 +123,41 @@ def build_reference(cfg, prep: Prepared, policy, resident: bool) -> Optional[Ref
         model = load_model(ref_path, torch_dtype(m.reference_dtype), m.attn_implementation, m.trust_remote_code)
         return distributed.shard_as_configured(freeze(model.to(prep.device)), cfg)
 
-    return Reference(load_reference, resident=resident, precision=cfg.trainer.precision.value)
+    return Reference(load_reference, resident=resident, precision=cfg.trainer.precision.value,
+                     layout=PairLayout.of(cfg.trainer), store=reference_store(cfg, ref_path))
+
+
+def reference_store(cfg, ref_path: str):
+    """Reference log-prob tables in the cache (`reference_logps/<key>/logps.pt`), keyed by what determines them:
+    π_ref (a folder by its resolved path, which for π_SFT is its own cache key; else the hub name), its dtype, the
+    precision and attention they are computed in, and the token ids of the pairs (which carry the data, the
+    tokenizer and truncation). Under torchrun every rank computes its share and rank 0 writes."""
+    m = cfg.model
+    reference = str(Path(ref_path).resolve()) if Path(ref_path).is_dir() else ref_path
+
+    def store(pairs, compute):
+        key = {"reference": reference, "dtype": m.reference_dtype, "precision": cfg.trainer.precision.value,
+               "attention": m.attn_implementation, "pairs": pairs_digest(pairs)}
+
+        def build(out: Path) -> None:
+            chosen, rejected = compute()
+            if distributed.is_main():
+                torch.save({"chosen": chosen, "rejected": rejected}, out / "logps.pt")
+
+        folder = get_or_build(cfg.paths.cache_dir, "reference_logps", key, build, collective=True)
+        table = torch.load(folder / "logps.pt")
+        return table["chosen"], table["rejected"]
+
+    return store
+
+
+def pairs_digest(pairs) -> str:
+    """A hash of the pairs' indices and token ids, in order."""
+    digest = hashlib.sha256()
+    for p in pairs:
+        digest.update(np.asarray([p.index, len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids), *p.prompt_ids,
+                                  *p.chosen_ids, *p.rejected_ids], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:32]
 
 
 def build_resources(cfg, prep: Prepared, needs: Needs) -> Resources:
@@ -143,9 +180,10 @@ def build_resources(cfg, prep: Prepared, needs: Needs) -> Resources:
         # after the value model copied it whole
         res.reward_model = distributed.shard_as_configured(freeze(res.reward_model), cfg)
     # π_ref is always built (lazily when training needs none) so that every method's eval/kl is measured alike
-    resident = needs.reference and (needs.rollouts or not cfg.reference.precompute)
+    precompute = precomputes_reference(cfg, prep, needs)
+    resident = needs.reference and not precompute
     res.reference = build_reference(cfg, prep, res.policy, resident)
-    if needs.reference and cfg.reference.precompute and not needs.rollouts:
+    if precompute:
         res.reference.precompute("train", prep.train_tok, prep.tokenizer.pad_token_id, cfg.trainer.eval_batch_size)
     if needs.rollouts:
         res.prompt_texts = sorted({p.prompt for p in prep.train_pairs})
@@ -153,12 +191,24 @@ def build_resources(cfg, prep: Prepared, needs: Needs) -> Resources:
     return res
 
 
+def precomputes_reference(cfg, prep: Prepared, needs: Needs) -> bool:
+    """reference.precompute, or when null (auto) whenever training reaches every training pair: the table then
+    costs one π_ref pass over the pairs, no more than a resident π_ref, and every later epoch, job of a sweep
+    and resumed run reads it instead of running π_ref. Never for rollouts (their pairs are new every step)."""
+    if not needs.reference or needs.rollouts:
+        return False
+    if cfg.reference.precompute is not None:
+        return bool(cfg.reference.precompute)
+    t, n = cfg.trainer, len(prep.train_tok)
+    return (t.max_steps * t.batch_size if t.max_steps is not None else t.epochs * n) >= n
+
+
 def build_evaluator(cfg, prep: Prepared, algorithm, reference) -> Evaluator:
     prompts = list(prep.task.eval_prompts(prep.tokenizer, prep.eval_pairs))
     ids = [prompt_token_ids(prep.tokenizer, p) for p in prompts]
     return Evaluator(algorithm, reference, prep.eval_tok, EvalPrompts(prompts, ids), prep.tokenizer,
                      prep.task.gold_reward, cfg.task.generation, cfg.eval, cfg.trainer.eval_batch_size,
-                     cfg.trainer.precision.value, cfg.seed)
+                     cfg.trainer.precision.value, cfg.seed, PairLayout.of(cfg.trainer))
 
 
 def save_merged_lora(cfg, policy, tokenizer, output_dir: Path, sft_dir: str) -> None:

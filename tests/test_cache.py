@@ -1,4 +1,5 @@
-"""The SFT cache: built once, never seen half-written, safe under concurrent jobs."""
+"""The cache: built once, never seen half-written, safe under concurrent jobs; reference log-probs once per sweep."""
+import json
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -75,3 +76,32 @@ def test_a_build_killed_by_a_signal_is_cleaned_up_by_the_next_job(tmp_path):
     folder = get_or_build(tmp_path, "sft", {"seed": 0}, lambda f: (f / "model.txt").write_text("weights"))
     assert (folder / "model.txt").read_text() == "weights"
     assert not list((tmp_path / "sft").glob("*.tmp*"))
+
+
+def test_the_jobs_of_a_beta_sweep_compute_reference_log_probs_once(smoke_cfg, tmp_path, monkeypatch):
+    """Four β jobs with precomputed reference log-probs: the first computes the training and held-out tables,
+    the other three read them from the cache (and train exactly as if they had computed them)."""
+    from dpo_exp import train
+    from dpo_exp.reference import Reference
+
+    computed = []
+    original = Reference.logps_of_pairs
+
+    def counting(self, pairs, pad_id, batch_size):
+        computed.append(len(pairs))
+        return original(self, pairs, pad_id, batch_size)
+
+    monkeypatch.setattr(Reference, "logps_of_pairs", counting)
+    results = {}
+    for beta in (0.05, 0.1, 0.3, 0.1):
+        before = len(computed)
+        run = tmp_path / f"beta_{beta}_{len(results)}"
+        cfg = smoke_cfg(f"loss.beta={beta}", "reference.precompute=true", "trainer.max_steps=2",
+                        f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={run}")
+        train.run(cfg)
+        results[run.name] = (len(computed) - before, json.loads((run / "summary.json").read_text()))
+    counts = [n for n, _ in results.values()]
+    assert counts[0] == 2 and counts[1:] == [0, 0, 0]  # training and held-out pairs, then nothing
+    assert len(list((tmp_path / "cache" / "reference_logps").glob("*/logps.pt"))) == 2
+    first, again = results["beta_0.1_1"][1], results["beta_0.1_3"][1]
+    assert again["eval/loss"] == first["eval/loss"]  # the table read back is the one computed

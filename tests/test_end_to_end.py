@@ -88,14 +88,14 @@ def test_every_algorithm_trains_by_name_and_lowers_its_loss(smoke_cfg, loss, mon
     resident_flags = []
     real_init = train_module.Reference.__init__
 
-    def spy(self, load, resident, precision="fp32"):
+    def spy(self, load, resident, *args, **kwargs):
         resident_flags.append(resident)
-        real_init(self, load, resident, precision)
+        real_init(self, load, resident, *args, **kwargs)
 
     monkeypatch.setattr(train_module.Reference, "__init__", spy)
     cfg = smoke_cfg(f"loss={loss}", "trainer.max_steps=16", "ppo.total_iterations=8", "optimizer.lr=3e-3",
                     "optimizer.warmup_steps=0", "ppo.lr=3e-3", "ppo.reward=gold",
-                    "trainer.eval_every=100", "ppo.eval_every=100",
+                    "trainer.eval_every=100", "ppo.eval_every=100", "reference.precompute=false",  # resident if needed
                     # PPO: a vocabulary at which the tiny model's reviews fit its SFT length, so it learns to stop
                     # and its rollouts are not all scored as missing an EOS (a constant reward teaches nothing)
                     *(["data.vocab_size=1024", "sft.max_steps=120", "ppo.max_new_tokens=48"] if loss == "ppo" else []))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dpo_exp.config import OptimizerConfig, Precision
-from dpo_exp.data import TokenizedPair, collate_pairs
+from dpo_exp.data import PADDED, PairLayout, TokenizedPair, collate_pairs
 
 REGISTRY: dict[str, type["Algorithm"]] = {}
 
@@ -218,21 +218,41 @@ def batch_plan(num_examples: int, batch_size: int, epochs: float, max_steps: Opt
 class PairBatch(StepBatch):
     """Tokenized pairs of one optimizer step; a micro-batch is their collated, concatenated forward."""
 
-    def __init__(self, pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bool):
+    def __init__(self, pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bool, layout: PairLayout = PADDED):
         self.pairs = list(pairs)
         self.pad_id = pad_id
         self.with_rejected = with_rejected
+        self.layout = layout
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def select(self, rows: np.ndarray) -> dict:
-        return collate_pairs([self.pairs[i] for i in rows], self.pad_id, with_rejected=self.with_rejected)
+        return collate_pairs([self.pairs[i] for i in rows], self.pad_id, self.with_rejected, self.layout)
+
+    def pair_tokens(self, p: TokenizedPair) -> int:
+        """Tokens of one pair as fed to the policy: a shared prompt once, else once per response."""
+        sides = 2 if self.with_rejected and not self.layout.share_prompt else 1
+        return sides * len(p.prompt_ids) + len(p.chosen_ids) + (len(p.rejected_ids) if self.with_rejected else 0)
 
     def tokens(self) -> int:
-        sides = 2 if self.with_rejected else 1
-        return sum(sides * len(p.prompt_ids) + len(p.chosen_ids) + (len(p.rejected_ids) if self.with_rejected else 0)
-                   for p in self.pairs)
+        return sum(map(self.pair_tokens, self.pairs))
+
+    def token_parts(self, rows: np.ndarray, budget: int) -> list[np.ndarray]:
+        """`rows` cut, in order, into consecutive parts of at most `budget` tokens (a longer pair alone). The
+        step's loss is a mean over all its pairs (or tokens) whatever the parts: the loop divides by the
+        normaliser of the whole step."""
+        parts, current, used = [], [], 0
+        for row in rows.tolist():
+            size = self.pair_tokens(self.pairs[row])
+            if current and used + size > budget:
+                parts.append(np.array(current, dtype=np.int64))
+                current, used = [], 0
+            current.append(row)
+            used += size
+        if current:
+            parts.append(np.array(current, dtype=np.int64))
+        return parts
 
 
 class OfflineAlgorithm(Algorithm):
@@ -245,12 +265,13 @@ class OfflineAlgorithm(Algorithm):
         self.pairs = list(res.train_pairs)
         self.plan = batch_plan(len(self.pairs), t.batch_size, t.epochs, t.max_steps, cfg.seed)
         self.with_rejected = self.needs(cfg).rejected
+        self.layout = PairLayout.of(t)
 
     def iterations(self) -> int:
         return len(self.plan)
 
     def experience(self, iteration: int) -> Experience:
         batch = PairBatch([self.pairs[i] for i in self.plan[iteration]], self.res.tokenizer.pad_token_id,
-                          self.with_rejected)
+                          self.with_rejected, self.layout)
         epoch = (iteration + 1) * self.cfg.trainer.batch_size / len(self.pairs)
         return Experience([batch], counters={"epoch": epoch}, examples=len(batch), tokens=batch.tokens())

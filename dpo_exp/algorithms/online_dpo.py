@@ -17,19 +17,19 @@ from dpo_exp.algorithms.base import Algorithm, Experience, Needs, PairBatch, Ste
 from dpo_exp.algorithms.ppo import make_scorer
 from dpo_exp.algorithms.preference import policy_pair_logps, preference_step
 from dpo_exp.config import RewardSource
-from dpo_exp.data import TokenizedPair, collate_pairs
+from dpo_exp.data import PairLayout, TokenizedPair, collate_pairs
 from dpo_exp.models import PairLogps, sample
 
 
 class OnlinePairBatch(PairBatch):
     """Freshly labelled pairs with their π_ref log-probs, computed once when they were sampled."""
 
-    def __init__(self, pairs, pad_id: int, reference: PairLogps):
-        super().__init__(pairs, pad_id, with_rejected=True)
+    def __init__(self, pairs, pad_id: int, reference: PairLogps, layout: PairLayout):
+        super().__init__(pairs, pad_id, with_rejected=True, layout=layout)
         self.reference = reference
 
     def select(self, rows):
-        batch = collate_pairs([self.pairs[i] for i in rows], self.pad_id)
+        batch = collate_pairs([self.pairs[i] for i in rows], self.pad_id, layout=self.layout)
         index = torch.as_tensor(rows, dtype=torch.long)
         batch["reference_chosen"] = self.reference.chosen[index]      # (b,) summed log π_ref
         batch["reference_rejected"] = self.reference.rejected[index]
@@ -99,7 +99,7 @@ class OnlineDPO(Algorithm):
         chosen, rejected = res.reference.logps_of_pairs(pairs, tok.pad_token_id, self.cfg.trainer.eval_batch_size)
         lengths = lambda side: torch.tensor([len(getattr(p, side)) for p in pairs])  # noqa: E731
         step = OnlinePairBatch(pairs, tok.pad_token_id, PairLogps(chosen, rejected, lengths("chosen_ids"),
-                                                                  lengths("rejected_ids")))
+                                                                  lengths("rejected_ids")), PairLayout.of(self.cfg.trainer))
         return Experience([step], metrics, examples=len(pairs), tokens=step.tokens())
 
     def normaliser(self, micro: dict) -> torch.Tensor:

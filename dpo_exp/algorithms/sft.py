@@ -29,7 +29,7 @@ class SFTAlgorithm(OfflineAlgorithm):
 
     def normaliser(self, micro: dict) -> torch.Tensor:
         b = micro["index"].shape[0]
-        return micro["response_mask"][:b].sum().float()  # chosen tokens
+        return micro["lengths"][:b].sum().float()  # chosen tokens
 
     def loss(self, micro: dict) -> StepOutput:
         policy = policy_pair_logps(self, micro, False)

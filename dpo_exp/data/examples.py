@@ -5,10 +5,14 @@ separately, EOS is appended to each response, a long prompt is truncated to
 max_prompt_length (keeping its end by default), and responses are cut to fit
 max_length. Only response tokens carry loss.
 
-Batches are *left*-padded: every sequence ends at the last column, so the response
-tokens of a whole batch sit in its last R columns and the model need only project
-those positions to the vocabulary (`logits_to_keep`), which saves the LM-head cost of
-the prompt.
+Batches are *left*-padded by default: every sequence ends at the last column, so the
+response tokens of a whole batch sit in its last R columns. Pairs can instead share their
+prompt and be packed without padding (`PairLayout`). Every layout carries the same
+log-prob targets: `keep` (N, L), the positions whose logits are computed (the model
+projects only those to the vocabulary, `logits_to_keep`, which saves the LM-head cost of
+the prompt), and per response token its predicting kept position (`source`), its id
+(`labels`), its sequence (`sequence`) and its place in that sequence's row of per-token
+outputs (`offset`); `lengths` counts each sequence's response tokens.
 """
 from __future__ import annotations
 
@@ -102,14 +106,16 @@ def tokenize_dataset(tokenizer, pairs: Sequence[PreferencePair], max_length: int
 
 
 def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict:
-    """Left-pad prompt+response sequences.
+    """Left-pad prompt+response sequences, one per row.
 
-    Returns input_ids, attention_mask, position_ids: (N, L); response_mask: (N, R) over
-    the last R columns, R the longest response.
+    Returns input_ids, attention_mask, position_ids: (N, L); response_mask: (N, R) over the last R columns,
+    R the longest response; and the log-prob targets every layout shares (see `targets`).
     """
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     width = max(lengths)
     resp_width = max(max(len(r) for r in responses), 1)
+    if any(responses) and resp_width >= width:
+        raise ValueError("every sequence needs at least one prompt token before its response")
     n = len(lengths)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
@@ -121,21 +127,140 @@ def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int
         if r:
             response_mask[i, resp_width - len(r):] = True
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    keep = torch.zeros((n, width), dtype=torch.bool)
+    keep[:, width - resp_width - 1:width - 1] = response_mask  # position t predicts token t + 1
+    count = int(response_mask.sum())
+    rows, columns = response_mask.nonzero(as_tuple=True)  # row-major, as the kept logits are
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "response_mask": response_mask}
+            "response_mask": response_mask, "keep": keep, "source": torch.arange(count),
+            "labels": input_ids[:, -resp_width:][response_mask], "sequence": rows, "offset": columns,
+            "lengths": response_mask.sum(-1)}
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bool = True) -> dict:
-    """Chosen sequences first, then rejected ones: one concatenated forward pass for both.
+@dataclass(frozen=True)
+class PairLayout:
+    """How a batch of pairs is laid out for its forward pass (trainer.share_prompt, trainer.pack).
 
-    Returns the collate_sequences tensors over 2B rows (B with with_rejected=False) and
-    `index`: (B,) dataset positions of the pairs.
+    - padded (both off): one left-padded row per sequence, chosen rows then rejected rows;
+    - share_prompt: one row per pair, [prompt, chosen, rejected], the prompt run once; chosen and rejected
+      attend to the prompt and to themselves, not to each other, and both continue the prompt's positions;
+    - pack: the pairs' blocks (a shared [prompt, chosen, rejected], or [prompt, chosen] and [prompt, rejected])
+      packed into rows of at most pack_length tokens, attention block-diagonal and positions restarting at
+      each block, so no FLOP is spent on padding. pack_length null: the micro-batch's longest block; a block
+      longer than pack_length gets a row of its own.
+    Every layout gives the same log-probs (tests/test_layout.py), in the same order: chosen, then rejected.
     """
-    prompts = [p.prompt_ids for p in pairs]
-    responses = [p.chosen_ids for p in pairs]
-    if with_rejected:
-        prompts = prompts + prompts
-        responses = responses + [p.rejected_ids for p in pairs]
-    batch = collate_sequences(prompts, responses, pad_id)
+    share_prompt: bool = False
+    pack: bool = False
+    pack_length: Optional[int] = None
+
+    @property
+    def padded(self) -> bool:
+        return not (self.share_prompt or self.pack)
+
+    @classmethod
+    def of(cls, trainer) -> "PairLayout":
+        """The layout a trainer config asks for (trainer.share_prompt, trainer.pack, trainer.pack_length)."""
+        return cls(bool(trainer.share_prompt), bool(trainer.pack), trainer.pack_length)
+
+
+PADDED = PairLayout()
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bool = True,
+                  layout: PairLayout = PADDED) -> dict:
+    """A micro-batch of pairs for one forward pass of chosen and rejected responses.
+
+    Returns the layout's input_ids, position_ids, attention_mask ((N, L) padding mask when padded, else an
+    (N, L, L) boolean mask, True where query row i may attend to key column j), the targets (`targets`) of
+    2B sequences (B with with_rejected=False) in the order chosen then rejected, and `index`: (B,) dataset
+    positions of the pairs.
+    """
+    if layout.padded or (not layout.pack and not with_rejected):  # one response per prompt: nothing to share
+        prompts = [p.prompt_ids for p in pairs]
+        responses = [p.chosen_ids for p in pairs]
+        if with_rejected:
+            prompts = prompts + prompts
+            responses = responses + [p.rejected_ids for p in pairs]
+        batch = collate_sequences(prompts, responses, pad_id)
+    else:
+        batch = _collate_blocks(pairs, pad_id, with_rejected, layout)
     batch["index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)
     return batch
+
+
+# A block: a prompt and the responses that continue it, each response with its output sequence number.
+Block = tuple[list[int], list[tuple[list[int], int]]]
+
+
+def _collate_blocks(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bool, layout: PairLayout) -> dict:
+    b = len(pairs)
+    blocks: list[Block] = []
+    for i, p in enumerate(pairs):
+        if not p.prompt_ids:
+            raise ValueError("every sequence needs at least one prompt token before its response")
+        if with_rejected and layout.share_prompt:
+            blocks.append((p.prompt_ids, [(p.chosen_ids, i), (p.rejected_ids, b + i)]))
+        else:
+            blocks.append((p.prompt_ids, [(p.chosen_ids, i)]))
+            if with_rejected:
+                blocks.append((p.prompt_ids, [(p.rejected_ids, b + i)]))
+    sizes = [len(prompt) + sum(len(r) for r, _ in responses) for prompt, responses in blocks]
+    rows = _pack(sizes, layout.pack_length or max(sizes)) if layout.pack else [[k] for k in range(len(blocks))]
+    width = max(sum(sizes[k] for k in row) for row in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    block_of = torch.full((n, width), -1, dtype=torch.long)    # block number of each position, -1: padding
+    segment = torch.zeros((n, width), dtype=torch.long)        # 0: prompt, s >= 1: the block's s-th response
+    keep = torch.zeros((n, width), dtype=torch.bool)
+    targets: list[tuple[int, int, int, int, int]] = []         # (row, predicting column, label, sequence, offset)
+    for r, row in enumerate(rows):
+        start = 0
+        for k in row:
+            prompt, responses = blocks[k]
+            p = len(prompt)
+            input_ids[r, start:start + p] = torch.tensor(prompt)
+            position_ids[r, start:start + p] = torch.arange(p)
+            block_of[r, start:start + p] = k
+            column = start + p
+            for s, (response, sequence) in enumerate(responses, start=1):
+                m = len(response)
+                input_ids[r, column:column + m] = torch.tensor(response, dtype=torch.long)
+                position_ids[r, column:column + m] = torch.arange(p, p + m)
+                block_of[r, column:column + m] = k
+                segment[r, column:column + m] = s
+                predictors = [start + p - 1] + list(range(column, column + m - 1))  # the last prompt token, then each previous
+                targets += [(r, c, t, sequence, j) for j, (c, t) in enumerate(zip(predictors, response))]
+                column += m
+            start = column
+    rows_t, cols_t, labels, sequence, offset = (torch.tensor(v, dtype=torch.long) for v in zip(*targets))
+    keep[rows_t, cols_t] = True
+    flat = torch.full((n * width,), -1, dtype=torch.long)
+    flat[keep.flatten()] = torch.arange(int(keep.sum()))                  # kept logits are row-major
+    same_block = block_of.unsqueeze(2) == block_of.unsqueeze(1)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    visible = (segment.unsqueeze(1) == 0) | (segment.unsqueeze(2) == segment.unsqueeze(1))  # the prompt, or itself
+    mask = same_block & causal & visible & (block_of.unsqueeze(2) >= 0)
+    mask |= torch.eye(width, dtype=torch.bool)  # a padding position sees itself only (no empty softmax row)
+    lengths = torch.zeros(2 * b if with_rejected else b, dtype=torch.long).index_add_(0, sequence, torch.ones_like(sequence))
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "keep": keep,
+            "source": flat[rows_t * width + cols_t], "labels": labels, "sequence": sequence, "offset": offset,
+            "lengths": lengths}
+
+
+def _pack(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Blocks into rows of at most `capacity` tokens, first fit in decreasing size (a longer block: its own row);
+    each row keeps its blocks in their original order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+        for r, free in enumerate(room):
+            if sizes[k] <= free:
+                rows[r].append(k)
+                room[r] -= sizes[k]
+                break
+        else:
+            rows.append([k])
+            room.append(capacity - sizes[k])
+    return [sorted(row) for row in rows]

@@ -1,4 +1,5 @@
-"""The one log-prob path: log π(response tokens | prompt) of a left-padded batch.
+"""The one log-prob path: log π(response tokens | prompt) of a batch in any layout (left-padded, shared
+prompt, packed; dpo_exp.data.examples).
 
 Every algorithm takes its log-probs here: summed per sequence (DPO family, SFT, evaluation,
 KL), or per token with an optional entropy (PPO, online DPO), at temperature 1 or at the
@@ -53,47 +54,62 @@ class PairLogps:
 
 def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0, per_token: bool = False,
                    with_entropy: bool = False) -> SequenceLogps:
-    """log π_T(response | prompt) for each row of a left-padded batch (data.collate_sequences).
+    """log π_T(response | prompt) of every sequence of a batch in any layout (data.collate_sequences,
+    data.collate_pairs with a PairLayout).
 
-    batch: input_ids, attention_mask, position_ids (N, L); response_mask (N, R) over the last R
-    columns. temperature: log-probs of softmax(logits / T) (T = 1: π itself).
+    batch: input_ids, position_ids (N, L); attention_mask, an (N, L) padding mask or an (N, L, L) boolean
+    mask; the targets keep, source, labels, sequence, offset and lengths (data.examples). temperature:
+    log-probs of softmax(logits / T) (T = 1: π itself). Per-token outputs are (S, R), each token at its offset.
     """
     if temperature <= 0:
         raise ValueError(f"log-probs need a temperature > 0 (got {temperature})")
     device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    mask = batch["response_mask"].to(device)                     # (N, R) over the last R tokens
-    n, total = input_ids.shape
-    width = mask.shape[1]
-    if width >= total:
-        raise ValueError("every sequence needs at least one prompt token before its response")
-    predicts = torch.zeros((n, total), dtype=torch.bool, device=device)
-    predicts[:, total - width - 1:total - 1] = mask               # position t predicts token t + 1
-    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
-                position_ids=batch["position_ids"].to(device), logits_to_keep=predicts, use_cache=False)
-    logits = out.logits if out.logits.dim() == 2 else out.logits[predicts]  # (K, V), row-major order
+    keep = batch["keep"].to(device)
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=_attention_mask(model, batch, device),
+                position_ids=batch["position_ids"].to(device), logits_to_keep=keep, use_cache=False)
+    logits = out.logits if out.logits.dim() == 2 else out.logits[keep]     # (K, V), row-major order
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
     if temperature != 1.0:
         logits = logits / temperature
-    labels = input_ids[:, -width:][mask]                                    # (K,)
-    token_logps = -F.cross_entropy(logits, labels, reduction="none")        # (K,)
-    rows = torch.arange(n, device=device).unsqueeze(1).expand(n, width)[mask]
-    logps = torch.zeros(n, dtype=token_logps.dtype, device=device).index_add(0, rows, token_logps)
-    result = SequenceLogps(logps, mask.sum(-1))
-    if per_token:
-        result.tokens = _scatter(token_logps, mask)
-    if with_entropy:
-        with torch.no_grad():  # a diagnostic: H(π_T) = logsumexp(l) − Σ softmax(l)·l
-            entropy = torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)
-        result.entropy = _scatter(entropy, mask)
+    source, labels, sequence = (batch[k].to(device) for k in ("source", "labels", "sequence"))
+    if source.shape[0] == logits.shape[0]:  # one target per kept row, in order (every layout but a shared prompt)
+        token_logps = -F.cross_entropy(logits, labels, reduction="none")    # (T,)
+    else:  # a shared prompt's last position predicts both responses' first tokens
+        token_logps = logits[source, labels] - torch.logsumexp(logits, -1)[source]
+    lengths = batch["lengths"].to(device)
+    logps = torch.zeros(lengths.shape[0], dtype=token_logps.dtype, device=device).index_add(0, sequence, token_logps)
+    result = SequenceLogps(logps, lengths)
+    if per_token or with_entropy:
+        offset = batch["offset"].to(device)
+        width = (batch["response_mask"].shape[1] if "response_mask" in batch  # left-padded: its (N, R) layout
+                 else int(offset.max()) + 1 if offset.numel() else 1)
+        scatter = lambda values: torch.zeros((lengths.shape[0], width), dtype=values.dtype,  # noqa: E731
+                                             device=device).index_put((sequence, offset), values)
+        if per_token:
+            result.tokens = scatter(token_logps)
+        if with_entropy:
+            with torch.no_grad():  # a diagnostic: H(π_T) = logsumexp(l) − Σ softmax(l)·l
+                entropy = torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)
+            result.entropy = scatter(entropy[source])
     return result
 
 
-def _scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(K,) values of the True positions of mask (row-major) → (N, R), 0 elsewhere."""
-    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-    out[mask] = values
-    return out
+def _attention_mask(model: PreTrainedModel, batch: dict, device: torch.device) -> torch.Tensor:
+    """The batch's mask as the model's attention takes it: a padding mask as it is; an (N, L, L) layout mask
+    as (N, 1, L, L), boolean for sdpa (True: attend), additive in the model's dtype for eager."""
+    mask = batch["attention_mask"].to(device)
+    if mask.dim() == 2:
+        return mask
+    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    mask = mask.unsqueeze(1)
+    if implementation == "sdpa":
+        return mask
+    if implementation == "eager":
+        dtype = next(model.parameters()).dtype
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"trainer.share_prompt / trainer.pack need model.attn_implementation=sdpa or eager "
+                     f"(got {implementation!r}); set them to false for this attention")
 
 
 @torch.no_grad()
