@@ -433,7 +433,12 @@ def output_dir() -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="judging")
 def main(cfg: DictConfig) -> None:
-    calibrate(cfg) if cfg.calibrate else judge_runs(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    from dpo_exp.errors import readable_errors
+
+    with readable_errors(HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None):
+        calibrate(cfg) if cfg.calibrate else judge_runs(cfg)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from dpo_exp import checkpoint, distributed
 from dpo_exp.algorithms import Needs, Resources
 from dpo_exp.cache import get_or_build
 from dpo_exp.config import ConfigError, algorithm_of, register_configs, validate
+from dpo_exp.data.files import DataFileError
+from dpo_exp.errors import readable_errors
 from dpo_exp.data import PairLayout, prompt_token_ids, tokenize_dataset
 from dpo_exp.evaluation import EvalPrompts, Evaluator
 from dpo_exp.loggers import FileSink, RunLogger, WandbSink, is_main_process
@@ -72,6 +74,12 @@ class Prepared:
     device: torch.device
 
 
+def data_source(cfg) -> str:
+    """Where the training data comes from, as an error message names it."""
+    d = cfg.data
+    return d.path or (f"{d.hub_name}[{d.train_split}]" if getattr(d, "hub_name", None) else f"data={d.name}")
+
+
 def prepare(cfg) -> Prepared:
     device = resolve_device(cfg.trainer.device)
     task = build_task(cfg)
@@ -79,14 +87,16 @@ def prepare(cfg) -> Prepared:
     tokenizer = load_tokenizer(tokenizer_source(cfg, sft_dir), cfg.model.trust_remote_code)
     train_pairs, eval_pairs, skipped = preference_data(cfg, task, sft_dir, tokenizer)
     if not train_pairs:
-        raise ValueError(f"no training pairs left after validation (skipped: {skipped})")
+        raise DataFileError(f"{data_source(cfg)}: no training pairs left after validation (skipped: {skipped})")
     lengths = (cfg.data.max_length, cfg.data.max_prompt_length, task.keep_prompt_end)
     train_tok, train_dropped = tokenize_dataset(tokenizer, train_pairs, *lengths)
     eval_tok, eval_dropped = tokenize_dataset(tokenizer, eval_pairs, *lengths)
     skipped = {**skipped, **{f"train/{k}": v for k, v in train_dropped.items()},
                **{f"eval/{k}": v for k, v in eval_dropped.items()}}
     if not train_tok:
-        raise ValueError(f"no training pairs left after tokenization (skipped: {skipped})")
+        raise DataFileError(f"{data_source(cfg)}: no training pairs left after tokenization (skipped: {skipped}); "
+                            f"raise data.max_length={cfg.data.max_length} or lower data.max_prompt_length="
+                            f"{cfg.data.max_prompt_length}")
     return Prepared(task, sft_dir, tokenizer, train_pairs, eval_pairs, train_tok, eval_tok, skipped, device)
 
 
@@ -352,6 +362,11 @@ def print_summary(summary: dict, cfg, algorithm) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    with readable_errors(cfg.paths.output_dir):
+        return _main(cfg)
+
+
+def _main(cfg: DictConfig) -> float:
     try:
         summary = run(cfg)
     except Preempted as err:  # the whole process stops, a sweep too; rerunning it resumes each job where it was

@@ -142,7 +142,7 @@ def test_unparseable_files(tmp_path, name, content, message):
 def test_unsupported_or_missing_file(tmp_path):
     with pytest.raises(DataFileError, match="unsupported file type"):
         read_rows(tmp_path / "pairs.txt")
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(DataFileError, match="absent.jsonl: no such file"):
         read_rows(tmp_path / "absent.jsonl")
 
 

@@ -52,7 +52,8 @@ def read_rows(path) -> Iterator[tuple[int, dict]]:
     path = str(path)
     fmt, compressed = _file_format(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise DataFileError(f"{path}: no such file (data.path / data.eval_path are read from where the command "
+                            f"runs: {os.getcwd()})")
     reader = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[fmt]
     return _guarded(path, reader(path, compressed))
 

@@ -491,7 +491,9 @@ def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | No
         except _Fatal as fatal:
             raise DataFileError(f"{source}: {where} {number}: {fatal}") from None
 
-    if count and not examples and not FILTERS.intersection(skipped):
+    if not count:
+        raise DataFileError(f"{source}: no rows (the file is empty)" if path is not None else f"{source}: no rows")
+    if not examples and not FILTERS.intersection(skipped):
         # Not one usable row, and not because of a filter: the file is another dataset's format
         # (or name is wrong), which "skip" would otherwise turn into an empty dataset.
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from dpo_exp.config import ConfigError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,9 +36,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with loadable(name_or_path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {name_or_path} has no EOS token; responses need one")
+        raise ConfigError(f"tokenizer {name_or_path} has no EOS token; responses need one")
     if tokenizer.pad_token_id is None:  # e.g. gpt2; masks make the pad id's value irrelevant
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -84,10 +87,24 @@ def new_model(architecture: dict, tokenizer, dtype: torch.dtype, attn_implementa
 
 def load_model(name_or_path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
                trust_remote_code: bool = False) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    with loadable(name_or_path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     disable_dropout(model)
     return model
+
+
+@contextlib.contextmanager
+def loadable(name_or_path: str, what: str):
+    """A model or tokenizer that cannot be loaded (no such folder, a hub name without a network, a folder
+    without weights) as a ConfigError that says which and why, not a traceback from deep in transformers."""
+    try:
+        yield
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        offline = "" if Path(name_or_path).exists() else (
+            " (a hub name needs a network, or the model in the local Hugging Face cache; a folder must exist)")
+        raise ConfigError(f"cannot load the {what} {name_or_path!r}: {reason}{offline}") from err
 
 
 def apply_lora(model: PreTrainedModel, lora) -> nn.Module:

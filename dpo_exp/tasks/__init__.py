@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
+from dpo_exp.config import ConfigError
 from dpo_exp.data import PreferencePair
 from dpo_exp.evaluation import GoldReward
 
@@ -37,5 +38,5 @@ def build_task(cfg) -> Task:
 
     tasks = {"sentiment": SentimentTask, "preference": PreferenceTask}
     if cfg.task.name not in tasks:
-        raise ValueError(f"unknown task {cfg.task.name!r}; known: {', '.join(tasks)}")
+        raise ConfigError(f"unknown task {cfg.task.name!r}; known: {', '.join(tasks)}")
     return tasks[cfg.task.name](cfg)

@@ -11,7 +11,7 @@ import random
 import re
 from pathlib import Path
 
-from dpo_exp.config import TruncatedSamples
+from dpo_exp.config import ConfigError, TruncatedSamples
 from dpo_exp.data import formats
 from dpo_exp.data import PreferencePair, prompt_token_ids
 from dpo_exp.models import load_model, resolve_device, sample, torch_dtype, train_tokenizer
@@ -33,7 +33,8 @@ class SentimentTask:
             self.train_texts = _reviews(data, "train")[:data.num_train_texts]
             self.eval_texts = _reviews(data, "eval")[:data.num_eval_texts]
         else:
-            raise ValueError(f"task=sentiment reads data=synthetic_reviews or data=imdb, not {data.name!r}")
+            raise ConfigError(f"task=sentiment reads data=synthetic_reviews or data=imdb, not data={data.name}; "
+                              "preference files (data=pairs, hh, shp, tldr, ultrafeedback) need task=preference")
         self.gold_reward = gold_reward(cfg.task.gold_reward)
 
     def sft_examples(self, tokenizer=None) -> list[PreferencePair]:
@@ -58,7 +59,7 @@ class SentimentTask:
             if len(out) == n:
                 break
             if tries >= 20 * n + len(texts):
-                raise ValueError(f"only {len(out)} of {n} prefixes of the {len(texts)} held-out texts are not also "
+                raise ConfigError(f"only {len(out)} of {n} prefixes of the {len(texts)} held-out texts are not also "
                                  "training prompts; use more held-out texts (data.num_eval_texts) or fewer prompts")
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             k = rng.randint(t.prompt_min_tokens, t.prompt_max_tokens)

@@ -1,0 +1,126 @@
+"""Expected failures print one message (what, where, what to change), exit 2, show no traceback and leave no
+run directory behind; HYDRA_FULL_ERROR=1 shows the traceback; an unexpected error keeps it."""
+import gzip
+import json
+import os
+import runpy
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from conftest import ROOT
+
+
+def failing(capsys, *args, module="dpo_exp.train"):
+    """Run `python -m MODULE ARGS` in this process; its exit code and what it printed on stderr."""
+    argv = sys.argv
+    sys.argv = [module, *args]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=f"'{module}' found in sys.modules", category=RuntimeWarning)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def expect_message(capsys, tmp_path, *args, match: str):
+    run_dir = tmp_path / "run"
+    code, err = failing(capsys, *args, f"hydra.run.dir={run_dir}", "paths.cache_dir=" + str(tmp_path / "cache"))
+    assert code == 2, err
+    assert "Traceback" not in err and "dpo_exp: error: " in err
+    message = err.split("dpo_exp: error: ", 1)[1]
+    assert match in message, message
+    assert not run_dir.exists()  # nothing half written: Hydra's dump of a run that never started is removed
+    return message
+
+
+PREFERENCE = ["task=preference", "data=pairs", "debug=smoke"]
+
+
+def test_a_bad_row_names_the_file_line_and_field(capsys, tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"},
+                                                  {"prompt": "Q2", "chosen": "", "rejected": "b"}])
+    expect_message(capsys, tmp_path, *PREFERENCE, f"data.path={data}", "data.on_invalid=error",
+                   match=f"{data}: line 2: field 'chosen': empty text")
+
+
+def test_a_file_of_another_layout_names_the_file_and_its_columns(capsys, tmp_path):
+    data = write_jsonl(tmp_path / "other.jsonl", [{"question": "Q", "answer": "a"}] * 3)
+    message = expect_message(capsys, tmp_path, *PREFERENCE, f"data.path={data}", match=str(data))
+    assert "question" in message and "answer" in message
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n"])
+def test_an_empty_file_names_the_file(capsys, tmp_path, content):
+    data = tmp_path / "empty.jsonl.gz"
+    data.write_bytes(gzip.compress(content))
+    expect_message(capsys, tmp_path, *PREFERENCE, f"data.path={data}", match=f"{data}: no rows (the file is empty)")
+
+
+def test_a_missing_data_file_says_where_it_was_looked_for(capsys, tmp_path):
+    expect_message(capsys, tmp_path, *PREFERENCE, f"data.path={tmp_path / 'nope.jsonl'}", match="no such file")
+
+
+def test_a_config_that_cannot_run_says_what_to_change(capsys, tmp_path):
+    expect_message(capsys, tmp_path, "loss.beta=-1", match="loss.beta must be > 0")
+    expect_message(capsys, tmp_path, "data=pairs", "data.path=x.jsonl", match="need task=preference")
+
+
+def test_a_missing_model_folder_or_unreachable_hub_model_is_named(capsys, tmp_path):
+    expect_message(capsys, tmp_path, "model=hf", f"model.name_or_path={tmp_path / 'no_model'}",
+                   match=f"model.name_or_path={tmp_path / 'no_model'} is not a folder")
+    # a hub name on a machine without a network (HF_HUB_OFFLINE: what it sees, without minutes of retries; the
+    # variable is read when huggingface_hub is imported, hence a process of its own)
+    hub = subprocess.run([sys.executable, "-m", "dpo_exp.train", "model=hf", "model.name_or_path=nobody/no-such-model",
+                          "sft.train=false", f"hydra.run.dir={tmp_path / 'hub'}"], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert hub.returncode == 2 and "Traceback" not in hub.stderr, hub.stderr[-3000:]
+    assert "dpo_exp: error: cannot load the tokenizer 'nobody/no-such-model'" in hub.stderr
+    assert not (tmp_path / "hub").exists()
+
+
+def test_an_objective_the_run_did_not_produce_lists_what_it_did(capsys, tmp_path):
+    code, err = failing(capsys, "debug=smoke", "objective=eval/no_such_metric", f"hydra.run.dir={tmp_path / 'run'}",
+                        f"paths.cache_dir={tmp_path / 'cache'}")
+    assert code == 2 and "Traceback" not in err
+    assert "objective=eval/no_such_metric is not in summary.json; available:" in err
+    assert (tmp_path / "run" / "summary.json").exists()  # the run itself is kept
+
+
+def test_the_judge_fails_the_same_way(capsys, tmp_path):
+    code, err = failing(capsys, f"runs=[{tmp_path / 'not_a_run'}]", f"hydra.run.dir={tmp_path / 'judging'}",
+                        module="dpo_exp.judge")
+    assert code == 2 and "Traceback" not in err and "is neither a finished run directory" in err
+    assert not (tmp_path / "judging").exists()
+
+
+def test_a_typo_fails_at_composition_without_a_traceback(capsys, tmp_path):
+    code, err = failing(capsys, "trainer.batch_sise=8", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 1 and "Traceback" not in err and "batch_sise" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_full_traceback_on_request_and_for_unexpected_errors(capsys, tmp_path, monkeypatch):
+    """One real process: the exit status and what a person sees on the terminal."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "dpo_exp.train", "loss.beta=-1", f"hydra.run.dir={tmp_path / 'run'}"]
+    quiet = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "loss.beta must be > 0" in quiet.stderr
+    loud = subprocess.run(command, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True, cwd=ROOT)
+    assert loud.returncode == 1 and "Traceback" in loud.stderr and "ConfigError" in loud.stderr
+
+    # a bug, not a user's mistake (patched where `python -m dpo_exp.train`, run anew, imports it from)
+    monkeypatch.setattr("dpo_exp.tasks.build_task", lambda cfg: 1 / 0)
+    code, err = failing(capsys, "debug=smoke", f"hydra.run.dir={tmp_path / 'bug'}")
+    assert code == 1 and "ZeroDivisionError" in err and "Traceback" in err
