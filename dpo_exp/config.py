@@ -82,8 +82,34 @@ class Truncation(Choice):
 
 
 @dataclass
+class ColumnsConfig:
+    """The file's own column for each field a layout reads (data.columns.prompt=question); None: the field's name.
+    Every field of dpo_exp.data.formats.FIELDS, so a misspelt one fails at composition."""
+    prompt: Optional[str] = None
+    chosen: Optional[str] = None
+    rejected: Optional[str] = None
+    conversations: Optional[str] = None
+    system: Optional[str] = None
+    instruction: Optional[str] = None
+    input: Optional[str] = None
+    history: Optional[str] = None
+    human_ref_A: Optional[str] = None
+    human_ref_B: Optional[str] = None
+    labels: Optional[str] = None
+    score_A: Optional[str] = None
+    score_B: Optional[str] = None
+    query: Optional[str] = None
+    reference_responses: Optional[str] = None
+    postprocessed_response: Optional[str] = None
+    preferred: Optional[str] = None
+    text: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
+    format: Optional[str] = None          # the file's layout; None: data.name's own, "auto": from the first row
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # layout field -> the file's column
     path: Optional[str] = None
     eval_path: Optional[str] = None
     hub_name: Optional[str] = None
@@ -347,6 +373,15 @@ class ConfigError(ValueError):
     """A config that composes but cannot run; the message says what to change."""
 
 
+def _validate_data_layout(data: Any) -> None:
+    from dpo_exp.data.formats import FIELDS, LAYOUTS, NAMES
+
+    if data.format is not None and data.format not in (*NAMES, "auto"):
+        raise ConfigError(f"data.format={data.format} is not a layout; one of auto, " + ", ".join(NAMES)
+                          + " (" + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()) + ")")
+    assert set(data.columns) == FIELDS, "ColumnsConfig and formats.FIELDS list the same fields"
+
+
 def algorithm_of(cfg: Any):
     """The registered algorithm class that loss.name selects (ConfigError listing the registered ones)."""
     from dpo_exp.algorithms import algorithm_class
@@ -412,6 +447,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError(
             f"trainer.share_prompt / trainer.pack need a masked attention (model.attn_implementation=sdpa or eager), "
             f"not {cfg.model.attn_implementation}; set trainer.share_prompt=false trainer.pack=false to use it")
+    _validate_data_layout(cfg.data)
     if t.micro_batch_tokens is not None and t.micro_batch_tokens <= 0:
         raise ConfigError(f"trainer.micro_batch_tokens must be a positive number of tokens or null "
                           f"(got {t.micro_batch_tokens})")

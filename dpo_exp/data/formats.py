@@ -109,7 +109,7 @@ from dpo_exp.data.files import DataFileError, json_type, line_numbered, hub_rows
 __all__ = ["DataFileError", "LoadResult", "NAMES", "HUB_NAMES", "load", "read_rows", "hub_rows",
            "check_lengths"]
 
-NAMES = ("hh", "shp", "tldr", "imdb", "ultrafeedback", "pairs")
+NAMES = ("hh", "shp", "tldr", "imdb", "ultrafeedback", "pairs", "sharegpt", "alpaca")
 
 # Where each dataset usually comes from; load() never downloads unless hub_name is given.
 HUB_NAMES = {
@@ -134,10 +134,13 @@ class LoadResult:
     skipped: dict[str, int]   # reason -> rows dropped for it
     source: str               # path, or hub name and split
     rows: int = 0             # rows read; rows == len(pairs) + sum(skipped.values())
+    layout: str = ""          # the layout the rows were read as
+    detected: bool = False    # the layout was detected from the first row (data.format=auto)
 
     def summary(self) -> str:
         dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped.items()))
-        return (f"{self.source}: {self.rows} rows -> {len(self.pairs)} kept"
+        layout = f" [{self.layout} layout, detected from the first row]" if self.detected else ""
+        return (f"{self.source}{layout}: {self.rows} rows -> {len(self.pairs)} kept"
                 + (f"; skipped {sum(self.skipped.values())} ({dropped})" if self.skipped else ""))
 
 
@@ -334,12 +337,33 @@ def _pairs(row: dict, opts: _Options) -> Converted:
     names = ("chosen",) if opts.kind == "sft" else ("chosen", "rejected")
     if any(isinstance(row.get(name), list) for name in ("prompt",) + names):
         return _chat_pair(row, opts, names)
+    if "prompt" not in row and all(isinstance(row.get(n), str) for n in ("chosen", "rejected")):
+        pair, _ = _implicit_text_pair(row)  # the prompt is what chosen and rejected share, for SFT too
+        return (PreferencePair(pair.prompt, pair.chosen) if opts.kind == "sft" else pair), None
     _require(row, ("prompt",) + names)
     prompt = _text(row, "prompt")
     responses = [_text(row, name) for name in names]
     if opts.kind == "sft":
         return PreferencePair(prompt, responses[0]), None
     return _pair(prompt, *responses), None
+
+
+def _implicit_text_pair(row: dict) -> Converted:
+    """TRL's standard implicit-prompt rows: `chosen` and `rejected` are whole texts and their shared start is
+    the prompt, cut at the last whitespace of the shared text so neither response starts mid-word (each keeps
+    its leading space: "The sky is" / " blue." / " green."). Words both responses begin with become prompt."""
+    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    cut = max((i for i in range(shared) if chosen[i].isspace()), default=-1)
+    if shared == len(chosen) == len(rejected):
+        raise _Invalid("chosen_equals_rejected", "rejected", "identical to 'chosen'")
+    while cut > 0 and chosen[cut - 1].isspace():  # a run of whitespace goes with the responses
+        cut -= 1
+    if cut <= 0 or not chosen[:cut].strip():
+        raise _Invalid("missing_key:prompt", "prompt", "missing, and 'chosen' and 'rejected' share no leading text")
+    return _pair(chosen[:cut], _nonempty(chosen[cut:], "chosen"), _nonempty(rejected[cut:], "rejected")), None
 
 
 def _messages(row: dict, name: str) -> list[dict] | str:
@@ -375,10 +399,7 @@ def _chat_response(value: list[dict] | str, prompt: list[dict], name: str) -> st
 
 
 def _chat_pair(row: dict, opts: _Options, names: Sequence[str]) -> Converted:
-    tokenizer = opts.tokenizer
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise _Fatal("chat-style row (lists of {role, content} messages): rendering its prompt needs "
-                     "a tokenizer with a chat template; pass tokenizer= with tokenizer.chat_template set")
+    _need_template(opts, "chat-style ({role, content} messages)")
     _require(row, names)
     responses = {name: _messages(row, name) for name in names}
 
@@ -411,21 +432,167 @@ def _chat_pair(row: dict, opts: _Options, names: Sequence[str]) -> Converted:
                            "leading messages")
 
     texts = [_chat_response(responses[name], prompt, name) for name in names]
-
-    import jinja2  # a dependency of transformers' chat templates
-
-    try:
-        rendered = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    except jinja2.TemplateError as err:  # templates raise on e.g. roles out of order
-        raise _Invalid("bad_messages:prompt", "prompt", f"refused by the chat template: {err}") from None
+    rendered = _render(prompt, opts, "prompt")
     if opts.kind == "sft":
         return PreferencePair(rendered, texts[0]), None
     return _pair(rendered, *texts), None
 
 
+def _need_template(opts: _Options, layout: str) -> None:
+    tokenizer = opts.tokenizer
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise _Fatal(f"{layout} rows are conversations: rendering their prompt needs a tokenizer with a chat "
+                     "template (e.g. model=smollm2_135m, or model.tokenizer=<an instruct model>); this one has none")
+
+
+def _render(messages: list[dict], opts: _Options, field: str) -> str:
+    """The prompt's messages through the tokenizer's chat template, ending with the generation prompt (the
+    assistant turn's opening), so a response is exactly the assistant's text and its EOS (appended once, at
+    tokenization: the template's end-of-turn is never rendered after a response)."""
+    import jinja2  # a dependency of transformers' chat templates
+
+    try:
+        return opts.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as err:  # templates raise on e.g. roles out of order
+        raise _Invalid(f"bad_messages:{field}", field, f"refused by the chat template: {err}") from None
+
+
+# ShareGPT / LLaMA-Factory roles ("from") as chat-template roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "observation": "tool", "function": "tool", "tool": "tool",
+                  "function_call": "assistant"}
+
+
+def _sharegpt_turn(turn: Any, field: str) -> dict:
+    if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+        raise _Invalid(f"bad_messages:{field}", field, "expected {from, value} turns with string values")
+    role = SHAREGPT_ROLES.get(turn["from"].strip().lower())
+    if role is None:
+        raise _Invalid(f"bad_messages:{field}", field, f"unknown role from={turn['from']!r}; known: "
+                       + ", ".join(SHAREGPT_ROLES))
+    return {"role": role, "content": turn["value"]}
+
+
+def _sharegpt(row: dict, opts: _Options) -> Converted:
+    """LLaMA-Factory / ShareGPT preference rows: `conversations` (the prompt's {from, value} turns), `chosen`
+    and `rejected` ({from: gpt, value} objects, or plain text), an optional `system` text."""
+    names = ("chosen",) if opts.kind == "sft" else ("chosen", "rejected")
+    _need_template(opts, "ShareGPT")
+    _require(row, ("conversations",) + names)
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise _Invalid("bad_messages:conversations", "conversations", "expected a non-empty list of {from, value} turns")
+    messages = []
+    if row.get("system") is not None:
+        system = row["system"]
+        if not isinstance(system, str):
+            raise _Invalid("not_a_string:system", "system", f"expected text, got {json_type(system)}")
+        if system.strip():
+            messages.append({"role": "system", "content": system})
+    messages += [_sharegpt_turn(turn, "conversations") for turn in turns]
+    if messages[-1]["role"] == "assistant":
+        raise _Invalid("bad_messages:conversations", "conversations",
+                       "ends with an assistant turn; the prompt's last turn is the user's (chosen/rejected answer it)")
+    texts = []
+    for name in names:
+        value = row[name]
+        if isinstance(value, dict):
+            turn = _sharegpt_turn(value, name)
+            if turn["role"] != "assistant":
+                raise _Invalid(f"bad_messages:{name}", name, f"from={value['from']!r}; a response is the assistant's (gpt)")
+            value = turn["content"]
+        elif not isinstance(value, str):
+            raise _Invalid(f"bad_messages:{name}", name, f"expected a {{from, value}} object or text, got {json_type(value)}")
+        texts.append(_nonempty(value, name))
+    rendered = _render(messages, opts, "conversations")
+    if opts.kind == "sft":
+        return PreferencePair(rendered, texts[0]), None
+    return _pair(rendered, *texts), None
+
+
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def _alpaca(row: dict, opts: _Options) -> Converted:
+    """Alpaca-style preference rows: `instruction`, optional `input` and `system`, `chosen` and `rejected` texts.
+    With a chat template the prompt is one user message (instruction, a blank line, input) after the system
+    text; without one, the Alpaca text template (ALPACA_PROMPT)."""
+    names = ("chosen",) if opts.kind == "sft" else ("chosen", "rejected")
+    _require(row, ("instruction",) + names)
+    instruction = _text(row, "instruction")
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise _Invalid("not_a_string:input", "input", f"expected text, got {json_type(extra)}")
+    extra = (extra or "").strip()
+    texts = [_text(row, name) for name in names]
+    if opts.tokenizer is not None and getattr(opts.tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) and \
+            row["system"].strip() else []
+        messages.append({"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")})
+        prompt = _render(messages, opts, "instruction")
+    else:
+        prompt = (ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=extra) if extra
+                  else ALPACA_PROMPT.format(instruction=instruction))
+    if opts.kind == "sft":
+        return PreferencePair(prompt, texts[0]), None
+    return _pair(prompt, *texts), None
+
+
 _CONVERTERS: dict[str, Callable[[dict, _Options], Converted]] = {
     "hh": _hh, "shp": _shp, "tldr": _tldr, "imdb": _imdb, "ultrafeedback": _pairs, "pairs": _pairs,
+    "sharegpt": _sharegpt, "alpaca": _alpaca,
 }
+
+# What each layout reads, for detection and for the message when no layout fits a file.
+LAYOUTS = {
+    "pairs": "prompt, chosen, rejected (texts or {role, content} messages; no prompt: TRL's implicit prompt)",
+    "sharegpt": "conversations ({from, value} turns), chosen, rejected ({from, value}), optional system",
+    "alpaca": "instruction, optional input and system, chosen, rejected",
+    "hh": "chosen, rejected (whole '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts)",
+    "shp": "history, human_ref_A, human_ref_B, labels (optional score_A, score_B)",
+    "tldr": "query, reference_responses (and postprocessed_response, preferred); or prompt, chosen, rejected",
+    "imdb": "text",
+}
+FIELDS = frozenset({"prompt", "chosen", "rejected", "conversations", "system", "instruction", "input", "history",
+                    "human_ref_A", "human_ref_B", "labels", "score_A", "score_B", "query", "reference_responses",
+                    "postprocessed_response", "preferred", "text"})
+
+
+def detect(row: dict) -> list[str]:
+    """The layouts whose columns the row has (data.format=auto reads the first row)."""
+    keys = set(row)
+    found = []
+    responses = {"chosen", "rejected"} <= keys
+    if "conversations" in keys and "chosen" in keys:
+        found.append("sharegpt")
+    if "instruction" in keys and "chosen" in keys:
+        found.append("alpaca")
+    if {"history", "human_ref_A", "human_ref_B", "labels"} <= keys:
+        found.append("shp")
+    if {"query", "reference_responses"} <= keys:
+        found.append("tldr")
+    if responses and not keys & {"conversations", "instruction"}:
+        chosen = row["chosen"]
+        transcript = isinstance(chosen, str) and "\n\nHuman:" in chosen and ASSISTANT_TURN in chosen
+        found.append("hh" if "prompt" not in keys and transcript else "pairs")
+    return found
+
+
+def _columns_hint(columns: dict[str, str], field: str) -> str:
+    """A field as the file names it: 'question' (data.columns.prompt) under a mapping."""
+    return f"'{columns[field]}' (data.columns.{field})" if field in columns else f"'{field}'"
+
+
+def _renamed(row: dict, columns: dict[str, str]) -> dict:
+    """The row with the file's columns under the names the layouts read (columns: layout field -> file column)."""
+    if not columns:
+        return row
+    out = dict(row)
+    for field, column in columns.items():
+        if column in out:
+            out[field] = out.pop(column)
+    return out
 
 
 def _one_per_prompt(name: str, examples: list[Converted]) -> list[PreferencePair]:
@@ -446,10 +613,18 @@ def _one_per_prompt(name: str, examples: list[Converted]) -> list[PreferencePair
 
 def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | None = None,
          split: str = "train", hub_config: str | None = None, on_invalid: str = "skip",
-         tokenizer=None, min_score_ratio: float | None = None, kind: str = "pairs") -> LoadResult:
-    """Read dataset `name` from a local `path` (preferred) or the hub, validating every row."""
-    if name not in NAMES:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
+         tokenizer=None, min_score_ratio: float | None = None, kind: str = "pairs",
+         columns: dict[str, str] | None = None) -> LoadResult:
+    """Read dataset `name` (a layout of NAMES, or "auto": the layout the first row's columns fit) from a local
+    `path` (preferred) or the hub, validating every row. `columns` maps the fields a layout reads to the file's
+    own column names ({"prompt": "question", "chosen": "response_j", "rejected": "response_k"})."""
+    columns = dict(columns or {})
+    unknown = sorted(set(columns) - FIELDS)
+    if unknown:
+        raise ValueError(f"data.columns: {', '.join(unknown)} is not a field any layout reads; fields: "
+                         + ", ".join(sorted(FIELDS)))
+    if name not in NAMES and name != "auto":
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)} or auto")
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be 'skip' or 'error', got {on_invalid!r}")
     if kind not in KINDS:
@@ -472,7 +647,8 @@ def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | No
         hint = f" (e.g. hub_name={HUB_NAMES[name]!r})" if name in HUB_NAMES else ""
         raise ValueError(f"give path= (a local file) or hub_name={hint}")
 
-    convert = _CONVERTERS[name]
+    convert = _CONVERTERS.get(name)
+    detected = None
     opts = _Options(kind, tokenizer, min_score_ratio)
     examples: list[Converted] = []
     skipped: Counter[str] = Counter()
@@ -482,11 +658,16 @@ def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | No
         count += 1
         if first_columns is None:
             first_columns = list(row)
+        row = _renamed(row, columns)
+        if convert is None:  # auto: the first row decides the layout of the file
+            detected = _detect_layout(row, first_columns, source, f"{where} {number}")
+            name, convert = detected, _CONVERTERS[detected]
         try:
             examples.append(convert(row, opts))
         except _Invalid as bad:
             if on_invalid == "error" and not bad.filter:
-                raise DataFileError(f"{source}: {where} {number}: field '{bad.field}': {bad.detail}") from None
+                raise DataFileError(f"{source}: {where} {number}: field {_columns_hint(columns, bad.field)}: "
+                                    f"{bad.detail}") from None
             skipped[bad.reason] += 1
         except _Fatal as fatal:
             raise DataFileError(f"{source}: {where} {number}: {fatal}") from None
@@ -497,8 +678,11 @@ def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | No
         # Not one usable row, and not because of a filter: the file is another dataset's format
         # (or name is wrong), which "skip" would otherwise turn into an empty dataset.
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
-        raise DataFileError(f"{source}: none of its {count} rows is a valid '{name}' row ({reasons}); "
-                            f"the first row has the columns {first_columns}")
+        how = "detected from the first row" if detected else "named by data.format / data.name"
+        raise DataFileError(f"{source}: none of its {count} rows is a valid '{name}' row ({reasons}); the first "
+                            f"row has the columns {first_columns} (layout {how}). Layouts: "
+                            + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
+                            + ". Rename columns with data.columns.<field>=<column> or pick data.format=")
 
     if kind == "sft" and name in ("hh", "shp"):
         pairs = _one_per_prompt(name, examples)
@@ -506,7 +690,21 @@ def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | No
             skipped["duplicate_prompt"] += len(examples) - len(pairs)
     else:
         pairs = [pair for pair, _ in examples]
-    return LoadResult(pairs=pairs, skipped=dict(skipped), source=source, rows=count)
+    return LoadResult(pairs=pairs, skipped=dict(skipped), source=source, rows=count, layout=name,
+                      detected=detected is not None)
+
+
+def _detect_layout(row: dict, columns: list[str], source: str, where: str) -> str:
+    found = detect(row)
+    if len(found) == 1:
+        return found[0]
+    layouts = "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
+    if not found:
+        raise DataFileError(f"{source}: {where}: its columns {columns} fit no known layout ({layouts}). Name the "
+                            "file's columns with data.columns.<field>=<column> (e.g. data.columns.prompt=question "
+                            "data.columns.chosen=response_j data.columns.rejected=response_k) or pick data.format=")
+    raise DataFileError(f"{source}: {where}: its columns {columns} fit several layouts ({', '.join(found)}); "
+                        f"pick one with data.format= ({layouts})")
 
 
 def check_lengths(pairs: Sequence[PreferencePair], tokenizer, max_length: int, max_prompt_length: int,

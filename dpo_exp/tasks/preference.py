@@ -37,9 +37,10 @@ class PreferenceTask:
         d = self.cfg.data
         path = d.path if split == "train" else d.eval_path
         return formats.load(
-            d.name, path=path, hub_name=None if path else d.hub_name,
+            d.format or d.name, path=path, hub_name=None if path else d.hub_name,
             split=d.train_split if split == "train" else d.eval_split, hub_config=d.hub_config,
-            on_invalid=d.on_invalid.value, tokenizer=tokenizer, min_score_ratio=d.min_score_ratio, kind=kind)
+            on_invalid=d.on_invalid.value, tokenizer=tokenizer, min_score_ratio=d.min_score_ratio, kind=kind,
+            columns={field: column for field, column in d.columns.items() if column})
 
     def _held_out_prompts(self, pairs: list[PreferencePair]) -> set[str]:
         """Prompts held out of the training file when there is no eval source (by prompt, seeded)."""
