@@ -28,6 +28,17 @@ def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) else dict(node)
 
 
+def _data_key(data) -> dict:
+    """The data section as cache keys hold it: the file-layout settings only where they are set (a default
+    data.format and an empty data.columns key as before they existed, so existing cache entries still match)."""
+    out = _plain(data)
+    out["columns"] = {k: v for k, v in (out.get("columns") or {}).items() if v}
+    for key in ("format", "columns"):
+        if not out.get(key):
+            out.pop(key, None)
+    return out
+
+
 # Model settings that make π_SFT; the rest (LoRA, block_class, gradient checkpointing, the reference's dtype,
 # attention kernel) only change how later stages train or run, never the SFT weights' values.
 SFT_MODEL_KEYS = ("name", "name_or_path", "architecture", "tokenizer", "policy_dtype", "trust_remote_code")
@@ -39,7 +50,7 @@ def sft_key(cfg) -> dict:
     the seed and trainer.precision. Not the loss, β, LoRA or anything of the later stages."""
     sft = _plain(cfg.sft)
     sft.pop("checkpoint")
-    data = _plain(cfg.data)
+    data = _data_key(cfg.data)
     data.pop("max_length")
     model = {k: v for k, v in _plain(cfg.model).items() if k in SFT_MODEL_KEYS}
     return {"version": CACHE_VERSION, "task": cfg.task.name, "data": data, "model": model, "sft": sft,
@@ -129,7 +140,7 @@ def pairs_key(cfg, sft_dir: str) -> dict:
     """What determines the preference pairs: π_SFT's folder (itself a key of everything SFT depends on), the
     whole task and data sections (prompts, sampling, the gold reward; the dataset's files and filters) and the
     seed. Not the model's training settings, the loss or β."""
-    return {"version": CACHE_VERSION, "sft": sft_dir, "task": _plain(cfg.task), "data": _plain(cfg.data),
+    return {"version": CACHE_VERSION, "sft": sft_dir, "task": _plain(cfg.task), "data": _data_key(cfg.data),
             "seed": cfg.seed}
 
 

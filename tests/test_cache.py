@@ -105,3 +105,14 @@ def test_the_jobs_of_a_beta_sweep_compute_reference_log_probs_once(smoke_cfg, tm
     assert len(list((tmp_path / "cache" / "reference_logps").glob("*/logps.pt"))) == 2
     first, again = results["beta_0.1_1"][1], results["beta_0.1_3"][1]
     assert again["eval/loss"] == first["eval/loss"]  # the table read back is the one computed
+
+
+def test_file_layout_settings_enter_cache_keys_only_when_set(smoke_cfg):
+    """data.format and data.columns came after many cache entries were made: unset, they leave the keys (and so
+    the π_SFT and pairs a user already has) as they were; set, they make new ones."""
+    from dpo_exp.stages import pairs_key, sft_key
+
+    plain = sft_key(smoke_cfg())["data"]
+    assert "format" not in plain and "columns" not in plain
+    assert "columns" not in pairs_key(smoke_cfg(), "sft")["data"]
+    assert sft_key(smoke_cfg("data.columns.prompt=question"))["data"]["columns"] == {"prompt": "question"}

@@ -20,7 +20,7 @@ import torch
 from conftest import ROOT, read_jsonl
 
 from dpo_exp import distributed
-from dpo_exp.loop import Loop
+from dpo_exp.loop import Loop, LoopSettings
 
 TOL = 1e-5
 # 12 training pairs, 4 per step: 3.25 epochs are 10 steps whose last holds 3 pairs, so with 2 ranks and 2
@@ -135,7 +135,7 @@ def test_each_rank_takes_its_slice_of_a_step_with_stand_ins_where_it_has_no_rows
         def select(self, rows):
             return list(rows)
 
-    loop = SimpleNamespace(settings=SimpleNamespace(grad_accumulation_steps=2))
+    loop = SimpleNamespace(settings=LoopSettings(grad_accumulation_steps=2))
     fake_world(monkeypatch, 0, 2)
     assert Loop.micro_batches(loop, Step()) == [([0], True), ([1], True)]
     fake_world(monkeypatch, 1, 2)
@@ -148,8 +148,10 @@ def test_each_rank_takes_its_slice_of_a_step_with_stand_ins_where_it_has_no_rows
 
 @pytest.mark.slow
 def test_two_processes_take_the_single_process_steps(tmp_path, cache, one_process):
+    """...with shared prompts and packing on the two ranks (one process: left-padded), so the layouts are
+    checked sharded too."""
     two = tmp_path / "two"
-    run(2, two, cache, DPO)
+    run(2, two, cache, DPO + ["trainer.share_prompt=true", "trainer.pack=true"])
     assert_same_steps(one_process, two)
     config = json.loads((two / "checkpoints" / "final" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]  # not FSDP's renamed class
