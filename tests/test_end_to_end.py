@@ -136,7 +136,7 @@ def test_main_returns_the_objective_for_sweepers(smoke_cfg):
     value = train_module.main.__wrapped__(smoke_cfg("objective=eval/kl"))
     assert isinstance(value, float)
     with pytest.raises(ConfigError, match="not in summary.json"):
-        train_module.main.__wrapped__(smoke_cfg("objective=eval/no_such_metric"))
+        train_module._main(smoke_cfg("objective=eval/no_such_metric"))  # main prints it and exits 2 (test_errors)
 
 
 def test_offline_wandb_run_holds_the_logged_metrics_and_config(smoke_cfg, monkeypatch):

@@ -335,7 +335,9 @@ def check_script(command: Command, repo: Path) -> str:
         argv += SCRIPT_BUDGET[script]
     printed = run_script(argv)
     for out in outputs:
-        assert (repo / out).is_file() and (repo / out).stat().st_size > 0, f"{command}: did not write {out}"
+        written = (repo / out).is_file() and (repo / out).stat().st_size > 0
+        written |= (repo / out).is_dir() and any(f.stat().st_size > 0 for f in (repo / out).iterdir())  # a folder
+        assert written, f"{command}: did not write {out}"
         if out.endswith(".png"):
             assert (repo / out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if "--markdown" in argv:

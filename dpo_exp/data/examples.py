@@ -127,12 +127,19 @@ def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int
         if r:
             response_mask[i, resp_width - len(r):] = True
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    keep = torch.zeros((n, width), dtype=torch.bool)
-    keep[:, width - resp_width - 1:width - 1] = response_mask  # position t predicts token t + 1
-    count = int(response_mask.sum())
-    rows, columns = response_mask.nonzero(as_tuple=True)  # row-major, as the kept logits are
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "response_mask": response_mask, "keep": keep, "source": torch.arange(count),
+            "response_mask": response_mask, "lengths": response_mask.sum(-1)}
+
+
+def padded_targets(input_ids: torch.Tensor, response_mask: torch.Tensor) -> dict:
+    """The log-prob targets of a left-padded batch, from its rows alone (so a batch cut into row subsets, as
+    PPO's minibatches are, stays consistent): position t predicts token t + 1, responses in the last R columns."""
+    n, width = input_ids.shape
+    resp_width = response_mask.shape[1]
+    keep = torch.zeros((n, width), dtype=torch.bool, device=input_ids.device)
+    keep[:, width - resp_width - 1:width - 1] = response_mask
+    rows, columns = response_mask.nonzero(as_tuple=True)  # row-major, as the kept logits are
+    return {"keep": keep, "source": torch.arange(rows.shape[0], device=input_ids.device),
             "labels": input_ids[:, -resp_width:][response_mask], "sequence": rows, "offset": columns,
             "lengths": response_mask.sum(-1)}
 

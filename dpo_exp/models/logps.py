@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from dpo_exp import distributed
 from dpo_exp.data import collate_sequences
+from dpo_exp.data.examples import padded_targets
 from dpo_exp.models.sampling import Samples
 
 
@@ -64,6 +65,8 @@ def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0
     if temperature <= 0:
         raise ValueError(f"log-probs need a temperature > 0 (got {temperature})")
     device = next(model.parameters()).device
+    if "response_mask" in batch:  # left-padded: the targets follow from its rows
+        batch = {**batch, **padded_targets(batch["input_ids"], batch["response_mask"])}
     keep = batch["keep"].to(device)
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=_attention_mask(model, batch, device),
                 position_ids=batch["position_ids"].to(device), logits_to_keep=keep, use_cache=False)
