@@ -10,8 +10,8 @@ What it measures, per row (an implementation and a variant of its options):
 - peak RSS of the process that trained (VmHWM, see `peak_rss_bytes`);
 - the loss of every step, so the parent can check that both compute the same objective.
 
-Rows (--rows, DPO_EXP_OPTIONS): dpo_exp `padded` (left-padded, resident π_ref), `fp32` (the default
-path: shared prompts), `pack` (padding-free packing), `share+pack`, `precompute` (π_ref log-probs
+Rows (--rows, DPO_EXP_OPTIONS): dpo_exp `padded` (left-padded, resident π_ref: the trainer's default
+layout), `fp32` (shared prompts), `pack` (padding-free packing), `share+pack`, `precompute` (π_ref log-probs
 precomputed), `bf16` (autocast) and `fastest` (all of them); each against TRL's closest configuration
 (TRL_COUNTERPART: TRL 1.16 has no prompt sharing and its padding_free is disabled, so those face its
 fp32 row; its fastest is bf16 autocast with precomputed reference log-probs, without gradient
@@ -47,7 +47,7 @@ rows alternately N times and keeps each row's fastest run.
 
 Run (from the repository root; a few minutes per row set on 2 CPU cores):
 
-    python benchmarks/bench_dpo.py                                  # padded and default fp32 vs TRL fp32
+    python benchmarks/bench_dpo.py                                  # padded and shared-prompt fp32 vs TRL fp32
     python benchmarks/bench_dpo.py --rows all --bf16 --precompute-ref --repeats 2 --json bench.json
     python benchmarks/bench_dpo.py --scaling                        # plus the scaling table
     python benchmarks/bench_dpo.py --impl dpo_exp                   # without TRL
@@ -81,7 +81,7 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 # the variant named in TRL_COUNTERPART (TRL 1.16 has no prompt sharing, and its padding_free is disabled).
 DPO_EXP_OPTIONS = {
     "padded": {},                                                  # left-padded, resident π_ref, fp32
-    "fp32": {"share_prompt": True},                                # the default path: shared prompts
+    "fp32": {"share_prompt": True},                                # shared prompts (the fastest fp32 layout here)
     "precompute": {"share_prompt": True, "precompute": True},
     "bf16": {"share_prompt": True, "bf16": True},
     "pack": {"pack": True},                                        # padding-free packing alone

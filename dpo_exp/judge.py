@@ -229,10 +229,11 @@ def judge_run(cfg, run: JudgedRun, judge: Judge, temperatures: list[float]) -> d
     label = baseline_label(cfg.baseline)
     other = JudgedRun(Path(cfg.baseline)) if label not in ("initial", "reference") else None
     results, rows = {}, []
+    references = run.references() if label == "reference" else None  # reads the data file: once, not per T
     for t in temperatures:
         policy, source = run.samples(t, cfg.step, "final", cfg.sample_missing)
-        if label == "reference":
-            base, base_source = {p: [r] for p, r in run.references().items()}, "the dataset's reference responses"
+        if references is not None:
+            base, base_source = {p: [r] for p, r in references.items()}, "the dataset's reference responses"
         else:
             base_rows, base_source = (run.samples(t, None, "initial", cfg.sample_missing) if other is None
                                       else other.samples(t, None, "final", cfg.sample_missing))

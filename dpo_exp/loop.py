@@ -265,8 +265,9 @@ class Loop:
     def micro_batches(self, step_batch) -> list[tuple[Any, bool]]:
         """This rank's micro-batches of one step, each with whether it holds rows. One process: the step cut into
         grad_accumulation_steps parts, or (trainer.micro_batch_tokens) into consecutive parts of at most that many
-        tokens. N processes: this rank's slice (distributed.step_slice) cut into as many parts as every other rank; a part with no rows is a stand-in (the step's first row, weight 0), since
-        every rank must run as many forward and backward passes as the others."""
+        tokens. N processes: this rank's slice (distributed.step_slice) cut into as many parts as every other
+        rank; a part with no rows is a stand-in (the step's first row, weight 0), since every rank must run as
+        many forward and backward passes as the others."""
         n = len(step_batch)
         budget = self.settings.micro_batch_tokens
         if budget is not None and hasattr(step_batch, "token_parts"):

@@ -27,9 +27,9 @@ from dpo_exp import checkpoint, distributed
 from dpo_exp.algorithms import Needs, Resources
 from dpo_exp.cache import get_or_build
 from dpo_exp.config import ConfigError, algorithm_of, register_configs, validate
+from dpo_exp.data import PairLayout, prompt_token_ids, tokenize_dataset
 from dpo_exp.data.files import DataFileError
 from dpo_exp.errors import readable_errors
-from dpo_exp.data import PairLayout, prompt_token_ids, tokenize_dataset
 from dpo_exp.evaluation import EvalPrompts, Evaluator
 from dpo_exp.loggers import FileSink, RunLogger, WandbSink, is_main_process
 from dpo_exp.loop import Diverged, Loop, LoopSettings, Preempted, seed_everything
@@ -77,7 +77,7 @@ class Prepared:
 def data_source(cfg) -> str:
     """Where the training data comes from, as an error message names it."""
     d = cfg.data
-    return d.path or (f"{d.hub_name}[{d.train_split}]" if getattr(d, "hub_name", None) else f"data={d.name}")
+    return d.path or (f"{d.hub_name}[{d.train_split}]" if d.hub_name else f"data={d.name}")
 
 
 def prepare(cfg) -> Prepared:

@@ -201,3 +201,13 @@ def test_plus_typos_fail_on_the_command_line_before_anything_runs(tmp_path, caps
     with pytest.raises(ConfigError, match="Key 'foo' not in 'Config'"):
         validate(compose_cfg(["+foo=1"]))
     validate(compose_cfg(["+model.architecture.rope_theta=10000.0"]))  # a free-form section stays open
+
+
+def test_every_field_a_layout_reads_can_be_renamed_in_config():
+    """data.columns is typed (typos fail at composition): its fields are the ones the file layouts read."""
+    from dataclasses import fields
+
+    from dpo_exp.config import ColumnsConfig
+    from dpo_exp.data.formats import FIELDS
+
+    assert {f.name for f in fields(ColumnsConfig)} == FIELDS

@@ -62,6 +62,7 @@ class OnlineDPO(Algorithm):
         self.plan = batch_plan(len(res.prompt_ids), t.batch_size, t.epochs, t.max_steps, cfg.seed)
         self.score = make_scorer(res, self.o.annotator, self.precision)
         self.judge_gold = res.gold_reward is not None and RewardSource(self.o.annotator) is RewardSource.model
+        self.layout = PairLayout.of(t)
 
     def iterations(self) -> int:
         return len(self.plan)
@@ -99,7 +100,7 @@ class OnlineDPO(Algorithm):
         chosen, rejected = res.reference.logps_of_pairs(pairs, tok.pad_token_id, self.cfg.trainer.eval_batch_size)
         lengths = lambda side: torch.tensor([len(getattr(p, side)) for p in pairs])  # noqa: E731
         step = OnlinePairBatch(pairs, tok.pad_token_id, PairLogps(chosen, rejected, lengths("chosen_ids"),
-                                                                  lengths("rejected_ids")), PairLayout.of(self.cfg.trainer))
+                                                                  lengths("rejected_ids")), self.layout)
         return Experience([step], metrics, examples=len(pairs), tokens=step.tokens())
 
     def normaliser(self, micro: dict) -> torch.Tensor:

@@ -109,7 +109,8 @@ def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int
     """Left-pad prompt+response sequences, one per row.
 
     Returns input_ids, attention_mask, position_ids: (N, L); response_mask: (N, R) over the last R columns,
-    R the longest response; and the log-prob targets every layout shares (see `targets`).
+    R the longest response; lengths: (N,) response tokens. The log-prob targets follow from these rows
+    (`padded_targets`, at the forward).
     """
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     width = max(lengths)
@@ -179,9 +180,9 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bo
     """A micro-batch of pairs for one forward pass of chosen and rejected responses.
 
     Returns the layout's input_ids, position_ids, attention_mask ((N, L) padding mask when padded, else an
-    (N, L, L) boolean mask, True where query row i may attend to key column j), the targets (`targets`) of
-    2B sequences (B with with_rejected=False) in the order chosen then rejected, and `index`: (B,) dataset
-    positions of the pairs.
+    (N, L, L) boolean mask, True where query row i may attend to key column j), `lengths` and (shared or packed;
+    padded batches derive them, `padded_targets`) the log-prob targets of 2B sequences (B with
+    with_rejected=False) in the order chosen then rejected, and `index`: (B,) dataset positions of the pairs.
     """
     if layout.padded or (not layout.pack and not with_rejected):  # one response per prompt: nothing to share
         prompts = [p.prompt_ids for p in pairs]

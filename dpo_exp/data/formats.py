@@ -463,6 +463,16 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "function_call": "assistant"}
 
 
+def _system_message(row: dict) -> list[dict]:
+    """The optional `system` text of a ShareGPT or Alpaca row as a leading system message (none if absent/empty)."""
+    system = row.get("system")
+    if system is None:
+        return []
+    if not isinstance(system, str):
+        raise _Invalid("not_a_string:system", "system", f"expected text, got {json_type(system)}")
+    return [{"role": "system", "content": system}] if system.strip() else []
+
+
 def _sharegpt_turn(turn: Any, field: str) -> dict:
     if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
         raise _Invalid(f"bad_messages:{field}", field, "expected {from, value} turns with string values")
@@ -482,14 +492,7 @@ def _sharegpt(row: dict, opts: _Options) -> Converted:
     turns = row["conversations"]
     if not isinstance(turns, list) or not turns:
         raise _Invalid("bad_messages:conversations", "conversations", "expected a non-empty list of {from, value} turns")
-    messages = []
-    if row.get("system") is not None:
-        system = row["system"]
-        if not isinstance(system, str):
-            raise _Invalid("not_a_string:system", "system", f"expected text, got {json_type(system)}")
-        if system.strip():
-            messages.append({"role": "system", "content": system})
-    messages += [_sharegpt_turn(turn, "conversations") for turn in turns]
+    messages = _system_message(row) + [_sharegpt_turn(turn, "conversations") for turn in turns]
     if messages[-1]["role"] == "assistant":
         raise _Invalid("bad_messages:conversations", "conversations",
                        "ends with an assistant turn; the prompt's last turn is the user's (chosen/rejected answer it)")
@@ -527,9 +530,7 @@ def _alpaca(row: dict, opts: _Options) -> Converted:
     extra = (extra or "").strip()
     texts = [_text(row, name) for name in names]
     if opts.tokenizer is not None and getattr(opts.tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) and \
-            row["system"].strip() else []
-        messages.append({"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")})
+        messages = _system_message(row) + [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")}]
         prompt = _render(messages, opts, "instruction")
     else:
         prompt = (ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=extra) if extra
