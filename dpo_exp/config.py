@@ -18,6 +18,9 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+# Attention implementations that take an (N, 1, L, L) mask, which shared-prompt and packed layouts need.
+MASKED_ATTENTION = ("sdpa", "eager")
+
 
 class Choice(str, Enum):
     """A config option spelled as a string; prints (and interpolates, e.g. in experiment_name) as its value."""
@@ -228,8 +231,8 @@ class TrainerConfig:
     device: str = "auto"
     precision: Precision = Precision.fp32
     show_progress: bool = True
-    count_flops: bool = True
-    share_prompt: bool = False
+    count_flops: bool = False
+    share_prompt: Optional[bool] = None  # None: on where the attention takes a mask (PairLayout.of)
     pack: bool = False
     pack_length: Optional[int] = None
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
@@ -442,7 +445,7 @@ def validate(cfg: Any) -> None:
             f"trainer.batch_size={t.batch_size} does not divide evenly into "
             f"trainer.grad_accumulation_steps={t.grad_accumulation_steps} micro-batches; "
             "pick values whose quotient is a whole number (no examples are ever dropped)")
-    if (t.share_prompt or t.pack) and cfg.model.attn_implementation not in ("sdpa", "eager"):
+    if (t.share_prompt or t.pack) and cfg.model.attn_implementation not in MASKED_ATTENTION:
         raise ConfigError(
             f"trainer.share_prompt / trainer.pack need a masked attention (model.attn_implementation=sdpa or eager), "
             f"not {cfg.model.attn_implementation}; set trainer.share_prompt=false trainer.pack=false to use it")

@@ -5,6 +5,7 @@ scripts/frontier.py and scripts/compare.py; nothing here trains.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -43,8 +44,9 @@ class Run:
         return sum(self.summary.get(f"cost/{stage}_{unit}", 0.0) for stage in self.summary.get("algorithm/stages", ()))
 
     def cost_at(self, point: dict, unit: str = "flops") -> float:
-        """What reaching an evaluation point cost: the run's training so far plus its cached stages."""
-        return point.get(f"cost/train_{unit}", 0.0) + self.stage_cost(unit)
+        """What reaching an evaluation point cost: the run's training so far plus its cached stages (NaN when the
+        run did not count it: FLOPs are counted with trainer.count_flops=true)."""
+        return point.get(f"cost/train_{unit}", math.nan) + self.stage_cost(unit)
 
 
 def cheapest_to_reach(runs: Iterable[Run], family: str, level: float) -> Optional[dict]:

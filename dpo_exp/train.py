@@ -134,7 +134,7 @@ def build_reference(cfg, prep: Prepared, policy, resident: bool) -> Optional[Ref
         return distributed.shard_as_configured(freeze(model.to(prep.device)), cfg)
 
     return Reference(load_reference, resident=resident, precision=cfg.trainer.precision.value,
-                     layout=PairLayout.of(cfg.trainer), store=reference_store(cfg, ref_path))
+                     layout=PairLayout.of(cfg.trainer, cfg.model.attn_implementation), store=reference_store(cfg, ref_path))
 
 
 def reference_store(cfg, ref_path: str):
@@ -218,7 +218,7 @@ def build_evaluator(cfg, prep: Prepared, algorithm, reference) -> Evaluator:
     ids = [prompt_token_ids(prep.tokenizer, p) for p in prompts]
     return Evaluator(algorithm, reference, prep.eval_tok, EvalPrompts(prompts, ids), prep.tokenizer,
                      prep.task.gold_reward, cfg.task.generation, cfg.eval, cfg.trainer.eval_batch_size,
-                     cfg.trainer.precision.value, cfg.seed, PairLayout.of(cfg.trainer))
+                     cfg.trainer.precision.value, cfg.seed, PairLayout.of(cfg.trainer, cfg.model.attn_implementation))
 
 
 def save_merged_lora(cfg, policy, tokenizer, output_dir: Path, sft_dir: str) -> None:

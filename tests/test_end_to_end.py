@@ -33,7 +33,7 @@ def logged_keys(run_dir: Path) -> set:
 def test_smoke_run_writes_metrics_summary_samples_and_a_loadable_checkpoint(smoke_cfg):
     from transformers import AutoModelForCausalLM
 
-    cfg = smoke_cfg()
+    cfg = smoke_cfg("trainer.count_flops=true")
     summary = train_module.run(cfg)
     run_dir = Path(cfg.paths.output_dir)
     assert TRAIN_KEYS | EVAL_KEYS <= logged_keys(run_dir)
@@ -235,7 +235,8 @@ def test_reward_model_then_ppo_and_online_dpo_reuse_one_cached_reward_model(smok
     assert not any("n/a" in line or "gold reward" in line or "beta" in line for line in lines)
     entry = next((cache / "reward_model").glob("*/COMPLETE"))
     built_at = entry.stat().st_mtime_ns
-    cfg = smoke_cfg("loss=ppo", f"paths.cache_dir={cache}", f"paths.output_dir={tmp_path / 'ppo'}")
+    cfg = smoke_cfg("loss=ppo", f"paths.cache_dir={cache}", f"paths.output_dir={tmp_path / 'ppo'}",
+                    "trainer.count_flops=true")
     summary = train_module.run(cfg)
     lines = printed_summary(capsys)  # PPO: the gold reward and KL of its samples, no implicit-reward stand-in
     assert f"{REGISTRY['ppo'].label(cfg)} (loss=ppo)" in lines[0]

@@ -128,7 +128,7 @@ def test_a_run_with_shared_prompts_packing_and_token_budgets_trains_as_the_padde
 
     monkeypatch.setattr(Loop, "micro_batches", counting)
     runs = {}
-    for name, extra in (("padded", []), ("packed", ["trainer.share_prompt=true", "trainer.pack=true"]),
+    for name, extra in (("padded", ["trainer.share_prompt=false"]), ("packed", ["trainer.share_prompt=true", "trainer.pack=true"]),
                         ("by tokens", ["trainer.share_prompt=true", "trainer.pack=true", "trainer.micro_batch_tokens=64"])):
         parts.clear()
         cfg = smoke_cfg(f"loss={loss}", "trainer.max_steps=4", "trainer.eval_every=2",
@@ -141,3 +141,50 @@ def test_a_run_with_shared_prompts_packing_and_token_budgets_trains_as_the_padde
         for a, b in zip(runs["padded"][0], runs[name][0]):
             assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-5)
             assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", [PairLayout(), PairLayout(share_prompt=True, pack=True)], ids=["padded", "packed"])
+def test_the_loops_flop_count_is_torchs_flop_counter_total(attention, layout):
+    """dpo_exp.loop.FlopCount (no per-module hooks) counts what torch's FlopCounterMode counts, forward and
+    backward, and the default layout (prompts shared with sdpa or eager) executes fewer FLOPs than the padded one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dpo_exp.loop import FlopCount
+
+    model = tiny_model("llama", attention)
+
+    def step():
+        pair_logps(model, PAIRS, layout).chosen.sum().backward()
+
+    with FlopCounterMode(display=False) as reference:
+        step()
+    with FlopCount() as ours:
+        step()
+    assert ours.get_total_flops() == reference.get_total_flops() > 0
+    with FlopCount() as shared:
+        pair_logps(model, PAIRS, PairLayout(share_prompt=True)).chosen.sum().backward()
+    with FlopCount() as padded:
+        pair_logps(model, PAIRS, PairLayout()).chosen.sum().backward()
+    assert shared.get_total_flops() < padded.get_total_flops()
+
+
+def test_prompts_are_shared_by_default_where_the_attention_takes_a_mask():
+    from dpo_exp.config import TrainerConfig
+
+    default = TrainerConfig()
+    assert PairLayout.of(default, "sdpa").share_prompt and PairLayout.of(default, "eager").share_prompt
+    assert not PairLayout.of(default, "flash_attention_2").share_prompt  # no mask: padded rows
+    assert not PairLayout.of(TrainerConfig(share_prompt=False), "sdpa").share_prompt
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_per_token_log_probs_and_their_mask_agree_across_layouts(name):
+    """What custom algorithms read (tests/test_registry.py): per-token log-probs and `mask` marking where they are;
+    a padded batch right-aligns responses and a shared one left-aligns them, but the masked values are the same."""
+    model = tiny_model("llama", "sdpa")
+    padded = sequence_logps(model, collate_pairs(PAIRS, 0, True, PairLayout()), per_token=True)
+    other = sequence_logps(model, collate_pairs(PAIRS, 0, True, LAYOUTS[name]), per_token=True)
+    assert padded.mask.sum(-1).tolist() == other.mask.sum(-1).tolist() == padded.lengths.tolist()
+    torch.testing.assert_close(other.tokens[other.mask], padded.tokens[padded.mask], rtol=0, atol=1e-5)
+    assert (other.tokens[~other.mask] == 0).all()

@@ -276,7 +276,7 @@ def test_ppo_raises_gold_reward_on_a_tiny_task(tmp_path):
                     gold_reward=count_target)
     sink = ListSink()
     torch.manual_seed(0)
-    build_loop(cfg, res, [sink], tmp_path).fit()
+    build_loop(cfg, res, [sink], tmp_path, count_flops=True).fit()
     rows = sink.rows
     names = {"train/reward", "train/kl", "train/rlhf_reward", "train/kl_coef", "train/policy_loss",
              "train/value_loss", "train/clipfrac", "train/value_clipfrac", "train/approx_kl", "train/entropy",

@@ -28,9 +28,8 @@ class Unlikelihood(OfflineAlgorithm):
         out = sequence_logps(self.res.policy, micro, per_token=True)
         b = micro["index"].shape[0]
         chosen, rejected_tokens = out.logps[:b], out.tokens[b:]
-        mask = micro["response_mask"][b:].to(rejected_tokens.device)
-        # log(1 − p) = log(−expm1(log p)), clamped away from p = 1
-        unlikely = torch.log(-torch.expm1(rejected_tokens.clamp(max=-1e-6))) * mask
+        # log(1 − p) = log(−expm1(log p)), clamped away from p = 1; out.mask: the response tokens, in any layout
+        unlikely = torch.log(-torch.expm1(rejected_tokens.clamp(max=-1e-6))) * out.mask[b:]
         loss = -chosen - self.cfg.loss.alpha * unlikely.sum(-1)
         return StepOutput(loss.sum(), {"logps/chosen": mean_metric(chosen)})
 

@@ -265,7 +265,7 @@ class OfflineAlgorithm(Algorithm):
         self.pairs = list(res.train_pairs)
         self.plan = batch_plan(len(self.pairs), t.batch_size, t.epochs, t.max_steps, cfg.seed)
         self.with_rejected = self.needs(cfg).rejected
-        self.layout = PairLayout.of(t)
+        self.layout = PairLayout.of(t, cfg.model.attn_implementation)
 
     def iterations(self) -> int:
         return len(self.plan)

@@ -62,7 +62,7 @@ class OnlineDPO(Algorithm):
         self.plan = batch_plan(len(res.prompt_ids), t.batch_size, t.epochs, t.max_steps, cfg.seed)
         self.score = make_scorer(res, self.o.annotator, self.precision)
         self.judge_gold = res.gold_reward is not None and RewardSource(self.o.annotator) is RewardSource.model
-        self.layout = PairLayout.of(t)
+        self.layout = PairLayout.of(t, cfg.model.attn_implementation)
 
     def iterations(self) -> int:
         return len(self.plan)

@@ -15,7 +15,7 @@ from torch import nn
 from dpo_exp import distributed
 from dpo_exp.algorithms.base import Needs, OfflineAlgorithm, StepOutput, mean_metric, register
 from dpo_exp.algorithms.scorers import RewardModelScorer
-from dpo_exp.data import TokenizedPair, collate_pairs
+from dpo_exp.data import PADDED, TokenizedPair, collate_pairs
 from dpo_exp.models import ScalarHeadModel, autocast, sample
 
 
@@ -34,6 +34,10 @@ class RewardModelAlgorithm(OfflineAlgorithm):
                 ("held-out loss -log sigmoid(margin)", "eval/loss"))
     sections = ("reward_model",)
     cached = True  # its product is a cache entry that other runs reuse (dpo_exp.stages.reward_model_dir)
+
+    def __init__(self, name: str, cfg: Any, res):
+        super().__init__(name, cfg, res)
+        self.layout = PADDED  # the scalar head scores each row's last token: one left-padded row per response
 
     @classmethod
     def needs(cls, cfg: Any) -> Needs:

@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from dpo_exp.config import MASKED_ATTENTION
+
 
 @dataclass(frozen=True)
 class PreferencePair:
@@ -167,9 +169,12 @@ class PairLayout:
         return not (self.share_prompt or self.pack)
 
     @classmethod
-    def of(cls, trainer) -> "PairLayout":
-        """The layout a trainer config asks for (trainer.share_prompt, trainer.pack, trainer.pack_length)."""
-        return cls(bool(trainer.share_prompt), bool(trainer.pack), trainer.pack_length)
+    def of(cls, trainer, attention: str) -> "PairLayout":
+        """The layout a trainer config asks for (trainer.share_prompt, trainer.pack, trainer.pack_length) with
+        the model's attention implementation: share_prompt null shares wherever the attention takes a layout
+        mask (MASKED_ATTENTION), the faster layout in every shape measured (README, scripts/bench_dpo.py)."""
+        share = trainer.share_prompt if trainer.share_prompt is not None else attention in MASKED_ATTENTION
+        return cls(bool(share), bool(trainer.pack), trainer.pack_length)
 
 
 PADDED = PairLayout()

@@ -31,6 +31,7 @@ class SequenceLogps:
     lengths: torch.Tensor                  # (N,) response token counts
     tokens: Optional[torch.Tensor] = None  # (N, R) per-token log-probs, 0 off the response (per_token=True)
     entropy: Optional[torch.Tensor] = None  # (N, R) entropy of π_T at each response token (with_entropy=True)
+    mask: Optional[torch.Tensor] = None     # (N, R) True at response tokens: where tokens/entropy are, in any layout
 
 
 @dataclass
@@ -75,10 +76,7 @@ def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0
     if temperature != 1.0:
         logits = logits / temperature
     source, labels, sequence = (batch[k].to(device) for k in ("source", "labels", "sequence"))
-    if source.shape[0] == logits.shape[0]:  # one target per kept row, in order (every layout but a shared prompt)
-        token_logps = -F.cross_entropy(logits, labels, reduction="none")    # (T,)
-    else:  # a shared prompt's last position predicts both responses' first tokens
-        token_logps = logits[source, labels] - torch.logsumexp(logits, -1)[source]
+    token_logps = _token_logps(logits, source, labels)                      # (T,)
     lengths = batch["lengths"].to(device)
     logps = torch.zeros(lengths.shape[0], dtype=token_logps.dtype, device=device).index_add(0, sequence, token_logps)
     result = SequenceLogps(logps, lengths)
@@ -88,6 +86,7 @@ def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0
                  else int(offset.max()) + 1 if offset.numel() else 1)
         scatter = lambda values: torch.zeros((lengths.shape[0], width), dtype=values.dtype,  # noqa: E731
                                              device=device).index_put((sequence, offset), values)
+        result.mask = scatter(torch.ones_like(token_logps, dtype=torch.bool))
         if per_token:
             result.tokens = scatter(token_logps)
         if with_entropy:
@@ -95,6 +94,26 @@ def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0
                 entropy = torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)
             result.entropy = scatter(entropy[source])
     return result
+
+
+def _token_logps(logits: torch.Tensor, source: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits[source[t]])[labels[t]] for every target t, through the fused cross-entropy kernel.
+
+    Every kept row predicts at least one target, in order; in a shared-prompt batch the prompt's last position
+    predicts both responses' first tokens, so B rows have a second target. Those B go through a second,
+    B-row cross-entropy instead of a log-softmax over all K rows (a (K, V) pass fewer, forward and backward).
+    """
+    kept, targets = logits.shape[0], source.shape[0]
+    if targets == kept:  # one target per kept row, in order (every layout but a shared prompt)
+        return -F.cross_entropy(logits, labels, reduction="none")
+    order = torch.arange(targets, device=source.device)
+    first = torch.full((kept,), targets, dtype=torch.long, device=source.device).scatter_reduce(
+        0, source, order, reduce="amin")                                   # each row's first target
+    second = torch.ones(targets, dtype=torch.bool, device=source.device)
+    second[first] = False
+    out = torch.empty(targets, dtype=logits.dtype, device=logits.device)
+    out = out.index_put((first,), -F.cross_entropy(logits, labels[first], reduction="none"))
+    return out.index_put((order[second],), -F.cross_entropy(logits[source[second]], labels[second], reduction="none"))
 
 
 def _attention_mask(model: PreTrainedModel, batch: dict, device: torch.device) -> torch.Tensor:

@@ -4,14 +4,15 @@ What it measures, per row (an implementation and a variant of its options):
 - pairs/s, tokens/s and s/step over the timed steps (all steps but the first --warmup-steps-excluded),
   wall time from the end of one optimizer step to the end of the next, so batch fetching,
   collation, forward/backward, clipping, the optimizer and per-step metrics all count;
-- the executed FLOPs of every step (torch FlopCounterMode, entered around each step in both
+- the executed FLOPs of every step (dpo_exp.loop.FlopCount: torch's FLOP formulas of the dispatched ops,
+  without FlopCounterMode's per-module hooks, which cost a quarter of a step here; entered around each step in both
   implementations alike) and the achieved FLOP rate, as a fraction of this machine's own big-matmul
   peak in float32 or bfloat16, measured in the same run before and after the rows;
 - peak RSS of the process that trained (VmHWM, see `peak_rss_bytes`);
 - the loss of every step, so the parent can check that both compute the same objective.
 
-Rows (--rows, DPO_EXP_OPTIONS): dpo_exp `padded` (left-padded, resident π_ref: the trainer's default
-layout), `fp32` (shared prompts), `pack` (padding-free packing), `share+pack`, `precompute` (π_ref log-probs
+Rows (--rows, DPO_EXP_OPTIONS): dpo_exp `padded` (left-padded, resident π_ref), `fp32` (the trainer's
+defaults: prompts shared, π_ref resident as the benchmark holds it), `pack` (padding-free packing), `share+pack`, `precompute` (π_ref log-probs
 precomputed), `bf16` (autocast) and `fastest` (all of them); each against TRL's closest configuration
 (TRL_COUNTERPART: TRL 1.16 has no prompt sharing and its padding_free is disabled, so those face its
 fp32 row; its fastest is bf16 autocast with precomputed reference log-probs, without gradient
@@ -47,10 +48,11 @@ rows alternately N times and keeps each row's fastest run.
 
 Run (from the repository root; a few minutes per row set on 2 CPU cores):
 
-    python benchmarks/bench_dpo.py                                  # padded and shared-prompt fp32 vs TRL fp32
-    python benchmarks/bench_dpo.py --rows all --bf16 --precompute-ref --repeats 2 --json bench.json
-    python benchmarks/bench_dpo.py --scaling                        # plus the scaling table
-    python benchmarks/bench_dpo.py --impl dpo_exp                   # without TRL
+    python scripts/bench_dpo.py                                  # padded and shared-prompt fp32 vs TRL fp32
+    python scripts/bench_dpo.py --rows all --repeats 2 --json bench.json
+    python scripts/bench_dpo.py --scaling                        # plus the scaling table
+    python scripts/bench_dpo.py --scaling --shapes long-prompt   # one shape of it
+    python scripts/bench_dpo.py --impl dpo_exp                   # without TRL
 
 TRL is optional (`pip install -e .[bench]`); without it only the dpo_exp rows run.
 This is a benchmark, not a test: it exits non-zero only if the fp32 losses disagree.
@@ -72,7 +74,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/bench_dpo.py` without installing
+if str(REPO_ROOT) not in sys.path:  # run as `python scripts/bench_dpo.py` without installing
     sys.path.insert(0, str(REPO_ROOT))
 
 # Special tokens of the synthetic tokenizer; pad is distinct from EOS (reference.md §4).
@@ -80,8 +82,8 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 # A row is (implementation, variant). dpo_exp's variants switch its options; TRL runs its closest configuration,
 # the variant named in TRL_COUNTERPART (TRL 1.16 has no prompt sharing, and its padding_free is disabled).
 DPO_EXP_OPTIONS = {
-    "padded": {},                                                  # left-padded, resident π_ref, fp32
-    "fp32": {"share_prompt": True},                                # shared prompts (the fastest fp32 layout here)
+    "padded": {"share_prompt": False},                             # left-padded, resident π_ref, fp32
+    "fp32": {},                                                    # the trainer's defaults: prompts shared (sdpa)
     "precompute": {"share_prompt": True, "precompute": True},
     "bf16": {"share_prompt": True, "bf16": True},
     "pack": {"pack": True},                                        # padding-free packing alone
@@ -96,12 +98,13 @@ ROW_ORDER = [("dpo_exp", "padded"), ("dpo_exp", "fp32"), ("trl", "fp32"), ("dpo_
              ("trl", "precompute"), ("dpo_exp", "bf16"), ("trl", "bf16"), ("dpo_exp", "pack"), ("dpo_exp", "share+pack"),
              ("dpo_exp", "fastest"), ("trl", "fastest")]
 # The scaling table: step times as the sequences grow, and two shapes whose prompt or responses dominate.
-SHAPES = {  # name: (prompt words, response words (min, max), max_length, max_prompt_length)
-    "length 128": (32, (32, 64), 128, 64), "length 256": (64, (64, 128), 256, 128),
-    "length 512": (128, (128, 256), 512, 256), "length 1024": (256, (256, 512), 1024, 512),
-    "long prompt (HH-like)": (384, (32, 96), 512, 448), "long response (TL;DR-like)": (32, (192, 448), 512, 128),
+SHAPES = {  # --shapes name: (label, prompt words, response words (min, max), max_length, max_prompt_length)
+    "128": ("length 128", 32, (32, 64), 128, 64), "256": ("length 256", 64, (64, 128), 256, 128),
+    "512": ("length 512", 128, (128, 256), 512, 256), "1024": ("length 1024", 256, (256, 512), 1024, 512),
+    "long-prompt": ("long prompt (HH-like)", 384, (32, 96), 512, 448),
+    "long-response": ("long response (TL;DR-like)", 32, (192, 448), 512, 128),
 }
-SCALING_ROWS = [("dpo_exp", "padded"), ("dpo_exp", "share+pack"), ("trl", "fp32")]
+SCALING_ROWS = [("dpo_exp", "padded"), ("dpo_exp", "fp32"), ("dpo_exp", "share+pack"), ("trl", "fp32")]
 
 
 # ---- fixture: built once by the parent, loaded by every worker ----------------------------
@@ -172,8 +175,10 @@ def build_fixture(workdir: Path, settings: dict) -> None:
     tokenizer.save_pretrained(workdir / "tokenizer")
 
     config = LlamaConfig(
-        vocab_size=settings["vocab_size"], hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=settings["vocab_size"], hidden_size=settings["hidden_size"],
+        intermediate_size=settings["intermediate_size"], num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(512, settings["max_length"]),
+        tie_word_embeddings=False,
         attention_dropout=0.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(settings["seed"])
@@ -194,6 +199,9 @@ def build_fixture(workdir: Path, settings: dict) -> None:
     settings["longest_sequence"] = longest
     settings["tokens_per_pair"] = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                       for p in tokenized) / len(tokenized)  # as fed unshared: the rate's unit
+    settings["response_tokens_per_pair"] = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized) / len(tokenized)
+    settings["shared_tokens_per_pair"] = settings["response_tokens_per_pair"] + sum(
+        len(p.prompt_ids) for p in tokenized) / len(tokenized)
     # dpo_exp's token ids, for the TRL worker to check that it tokenized identically
     (workdir / "tokens.json").write_text(json.dumps(
         [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in tokenized]))
@@ -273,13 +281,13 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
     policy = load_model(model_dir, torch.float32)  # fp32 master weights; bf16 is autocast, as in dpo_exp
     policy.train()
     trainer = TrainerConfig(batch_size=settings["batch_size"], max_steps=settings["steps"], device="cpu",
-                            precision=precision, share_prompt=options.get("share_prompt", False),
+                            precision=precision, share_prompt=options.get("share_prompt"),
                             pack=options.get("pack", False))
 
     setup_start = time.perf_counter()
     precompute = options.get("precompute", False)
     reference = Reference(lambda: freeze(load_model(model_dir, torch.float32)), resident=not precompute,
-                          precision=precision, layout=PairLayout.of(trainer))
+                          precision=precision, layout=PairLayout.of(trainer, "sdpa"))
     if precompute:  # one pass over all pairs; the reference model is freed afterwards
         reference.precompute("train", pairs, tokenizer.pad_token_id, settings["batch_size"])
     setup_seconds = time.perf_counter() - setup_start
@@ -290,11 +298,11 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
         "trainer": OmegaConf.structured(trainer),
         "optimizer": OmegaConf.structured(OptimizerConfig(name=OptimizerName.adamw, lr=settings["lr"], warmup_steps=0,
                                                           max_grad_norm=settings["max_grad_norm"])),
-        "seed": settings["seed"]})
+        "model": {"attn_implementation": "sdpa"}, "seed": settings["seed"]})
     res = Resources(cfg, tokenizer, torch.device("cpu"), policy=policy, reference=reference, train_pairs=pairs)
     algorithm = algorithm_class("dpo")("dpo", cfg, res)
-    loop = Loop(algorithm, LoopSettings(show_progress=False, save_final=False, eval_at_start=False, log_every=10**9),
-                RunLogger([]), out_dir)
+    loop = Loop(algorithm, LoopSettings(show_progress=False, save_final=False, eval_at_start=False, log_every=10**9,
+                                        count_flops=settings["count_flops"]), RunLogger([]), out_dir)
     plan = json.loads((workdir / "plan.json").read_text())
     if algorithm.plan != plan:
         raise RuntimeError("the algorithm's batch plan differs from the plan given to TRL; the loss comparison would be void")
@@ -304,12 +312,11 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
     if settings.get("profile"):  # --profile: where a step's time goes (the timing is then not comparable)
         from torch.profiler import ProfilerActivity, profile
         profiler = profile(activities=[ProfilerActivity.CPU])
-        loop.settings.count_flops = False
     start = now()
     for step in range(loop.iterations):  # the body of Loop.fit without its logging and eval
         if profiler is not None and step == settings["warmup_steps_excluded"]:
             profiler.__enter__()
-        metrics, _, _ = loop.train_iteration()  # counts the step's executed FLOPs (torch FlopCounterMode)
+        metrics, _, _ = loop.train_iteration()  # in the FLOP-count run: counts the step's FLOPs (dpo_exp.loop.FlopCount)
         step_ends.append(now())
         flops.append(loop.flops - sum(flops))
         losses.append(metrics["loss"])
@@ -332,25 +339,27 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
 
     from dpo_exp.data import load_pairs
 
-    from torch.utils.flop_counter import FlopCounterMode
+    from dpo_exp.loop import FlopCount
 
     class StepTimer(TrainerCallback):
-        """End time and executed FLOPs of every optimizer step (FlopCounterMode, as dpo_exp's loop counts them),
-        and the loss and mean policy log-probs TRL logs for it."""
+        """End time of every optimizer step, or (the FLOP-count run) its executed FLOPs (FlopCount, as dpo_exp's
+        loop counts them), and the loss and mean policy log-probs TRL logs for it."""
 
-        def __init__(self):
+        def __init__(self, count: bool):
             self.start, self.step_ends, self.losses, self.logps, self.flops = None, [], [], [], []
-            self.counter = None
+            self.count, self.counter = count, None
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.start is None:
                 self.start = now()
-            self.counter = FlopCounterMode(display=False)
-            self.counter.__enter__()
+            if self.count:
+                self.counter = FlopCount()
+                self.counter.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.counter.__exit__(None, None, None)
-            self.flops.append(self.counter.get_total_flops())
+            if self.count:
+                self.counter.__exit__(None, None, None)
+                self.flops.append(self.counter.get_total_flops())
             self.step_ends.append(now())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -382,7 +391,7 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
         precompute_ref_log_probs=options.get("precompute", False), precompute_ref_batch_size=settings["batch_size"],
         train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, report_to="none",
         save_strategy="no", eval_strategy="no", disable_tqdm=True, use_cpu=True, seed=settings["seed"])
-    timer = StepTimer()
+    timer = StepTimer(settings["count_flops"])
     setup_start = time.perf_counter()  # tokenization (+ reference precompute) happen in the constructor
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[timer])
@@ -400,6 +409,32 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
     return {"losses": timer.losses, "policy_logps": timer.logps, "setup_seconds": setup_seconds,
             "tokenization_mismatches": mismatched, "step_flops": timer.flops,
             **timing(timer.step_ends, timer.start, settings["warmup_steps_excluded"], settings["batch_size"])}
+
+
+def model_matmul_rate(settings: dict, seconds: float = 1.5) -> float:
+    """GFLOP/s of the benchmark model's own matmuls at a step's shapes, float32: every linear of a layer and the
+    LM head, forward (x Wᵀ) and both backward products (dY W, dYᵀ x), at the token counts of one micro-batch in
+    the default (shared-prompt) layout, each weighted by its FLOPs. The ceiling a step's matmuls can reach on
+    this machine, however little else the step did; the big-matmul peak is reached only by large square ones."""
+    import torch
+    hidden, ffn, vocab = settings["hidden_size"], settings["intermediate_size"], settings["vocab_size"]
+    tokens = round(settings["batch_size"] * settings["shared_tokens_per_pair"])
+    kept = round(settings["batch_size"] * settings["response_tokens_per_pair"])
+    linears = [(tokens, hidden, hidden)] * 4 + [(tokens, hidden, ffn)] * 2 + [(tokens, ffn, hidden)]  # q k v o, gate up, down
+    shapes = []
+    for rows, d_in, d_out in linears + [(kept, hidden, vocab)]:
+        shapes += [(rows, d_in, d_out), (rows, d_out, d_in), (d_out, rows, d_in)]  # forward, grad input, grad weight
+    operands = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    for a, b in operands:
+        a @ b  # warm-up
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for a, b in operands:
+            a @ b
+        best = max(best, flops / (time.perf_counter() - t0))
+    return best / 1e9
 
 
 def matmul_peaks(threads: int, size: int = 2048, seconds: float = 1.5) -> dict:
@@ -427,12 +462,12 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     torch.set_num_threads(settings["threads"])  # identical for every row
     if args.worker == "peak":
-        Path(args.json).write_text(json.dumps(matmul_peaks(settings["threads"])))
+        Path(args.json).write_text(json.dumps({**matmul_peaks(settings["threads"]),
+                                               "fp32_model_shapes": model_matmul_rate(settings)}))
         return
     run = run_dpo_exp if args.worker == "dpo_exp" else run_trl
+    settings["count_flops"] = args.count_flops
     result = run(workdir, settings, args.variant)
-    timed_flops = sum(result["step_flops"][settings["warmup_steps_excluded"]:])
-    result["gflops_per_second"] = timed_flops / result["timed_seconds"] / 1e9
     result["tokens_per_second"] = result["pairs_per_second"] * settings["tokens_per_pair"]
     result.update(impl=args.worker, variant=args.variant, peak_rss_bytes=peak_rss_bytes(),
                   threads=torch.get_num_threads())
@@ -441,14 +476,17 @@ def worker(args: argparse.Namespace) -> None:
 
 # ---- parent: build, spawn, report ------------------------------------------------------------
 
-def spawn(impl: str, variant: str, workdir: Path) -> dict:
-    out = workdir / f"result_{impl}_{variant.replace('+', '_')}.json"
+def spawn(impl: str, variant: str, workdir: Path, count_flops: bool = False) -> dict:
+    """One row in a fresh process: timed, or (count_flops) the same steps again with every step's FLOPs counted.
+    The counter dispatches every op through Python (~15% of a step here), so timed runs never count."""
+    out = workdir / f"result_{impl}_{variant.replace('+', '_')}{'_count' if count_flops else ''}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--variant", variant,
-           "--workdir", str(workdir), "--json", str(out)]
+           "--workdir", str(workdir), "--json", str(out)] + (["--count-flops"] if count_flops else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-    print(f"  running {impl} {variant} (load average {load:.2f}) ...", end=" ", flush=True)
+    print(f"  {'counting the FLOPs of' if count_flops else 'running'} {impl} {variant} (load average {load:.2f}) ...",
+          end=" ", flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not out.exists():
         print("failed")
@@ -456,8 +494,16 @@ def spawn(impl: str, variant: str, workdir: Path) -> dict:
         raise SystemExit(f"worker {impl} {variant} exited with {proc.returncode}:\n{tail}")
     result = json.loads(out.read_text())
     print(f"{result['fp32']:.0f} / {result['bf16']:.0f} GFLOP/s" if impl == "peak"
-          else f"{result['pairs_per_second']:.2f} pairs/s")
+          else f"{sum(result['step_flops']) / 1e9:.0f} GFLOP" if count_flops else f"{result['pairs_per_second']:.2f} pairs/s")
     return result
+
+
+def add_flop_rate(row: dict, counted: dict, warmup: int) -> None:
+    """The row's achieved FLOP rate: the FLOPs its count run executed in the timed steps, over the timed run's time.
+    Both ran the same batches from the same weights, so their losses must be the same (the counter only observes)."""
+    row["step_flops"] = counted["step_flops"]
+    row["gflops_per_second"] = sum(counted["step_flops"][warmup:]) / row["timed_seconds"] / 1e9
+    row["count_run_max_loss_diff"] = max(abs(a - b) for a, b in zip(row["losses"], counted["losses"]))
 
 
 def installed_version(name: str) -> str | None:
@@ -498,7 +544,9 @@ def report(rows: dict, settings: dict, peaks: dict, tolerance: float) -> tuple[d
           f"{settings['threads']} torch threads, lr {settings['lr']:g}, beta {settings['beta']}"
           + (f", fastest of {repeats} runs per row" if repeats > 1 else ""))
     print(f"machine peak (one {2048}x{2048} matmul, best burst): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-          f"bf16 {peaks['bf16']:.0f} GFLOP/s")
+          f"bf16 {peaks['bf16']:.0f} GFLOP/s; the model's own fp32 matmuls at a step's shapes (forward and "
+          f"backward, best burst): {peaks['fp32_model_shapes']:.0f} GFLOP/s "
+          f"({peaks['fp32_model_shapes'] / peaks['fp32']:.0%} of the fp32 peak)")
     header = f"{'implementation':<22} {'pairs/s':>8} {'tokens/s':>9} {'median s':>8} {'GFLOP/s':>8} {'of peak':>7} " \
              f"{'peak RSS':>10} {'setup s':>8} {'cores':>6} {'loss@last':>10}"
     print(header)
@@ -510,10 +558,15 @@ def report(rows: dict, settings: dict, peaks: dict, tolerance: float) -> tuple[d
               f"{r['median_seconds_per_step']:>8.3f} {r['gflops_per_second']:>8.1f} {r['fraction_of_peak']:>7.0%} "
               f"{r['peak_rss_bytes'] / gib:>6.2f} GiB {r['setup_seconds']:>8.1f} {r['cores_busy']:>6.2f} "
               f"{r['losses'][-1]:>10.6f}")
-    print("(tokens/s: pair tokens as fed unshared, prompt twice; GFLOP/s: executed FLOPs (FlopCounterMode) of the "
-          "timed steps per second, of peak: against the matching fp32 or bf16 matmul peak; setup: reference "
+    print("(tokens/s: pair tokens as fed unshared, prompt twice; GFLOP/s: executed FLOPs of the timed steps, counted "
+          "in a second run of the same steps (dpo_exp.loop.FlopCount), per second of the timed run; of peak: against "
+          "the matching fp32 or bf16 matmul peak; setup: reference "
           "precompute and TRL's tokenization; cores: CPU s per wall s, below the thread count if others competed)")
 
+    for (impl, variant), r in rows.items():
+        if r["count_run_max_loss_diff"] > tolerance:
+            print(f"WARNING: {impl} {variant}: the FLOP-count run's losses differ from the timed run's by "
+                  f"{r['count_run_max_loss_diff']:.1e}; its FLOPs may not be those of the timed steps")
     disturbed = [f"{impl} {variant}" for (impl, variant), r in rows.items()
                  if r["cores_busy"] < 0.9 * settings["threads"]]
     if disturbed:
@@ -562,10 +615,11 @@ def report(rows: dict, settings: dict, peaks: dict, tolerance: float) -> tuple[d
     return {"speed_ratio_dpo_exp_over_trl": ratios, "loss_agreement": agreement}, ok
 
 
-def scaling_table(base: dict, impls: list[str], steps: int) -> list[dict]:
-    """s/step of the SCALING_ROWS for every shape of SHAPES, each shape in its own fixture, rows alternating."""
+def scaling_table(base: dict, impls: list[str], steps: int, shapes: list[str]) -> list[dict]:
+    """s/step of the SCALING_ROWS for the given SHAPES, each shape in its own fixture, rows alternating."""
     out = []
-    for shape, (prompt_words, response_words, max_length, max_prompt_length) in SHAPES.items():
+    for key in shapes:
+        shape, prompt_words, response_words, max_length, max_prompt_length = SHAPES[key]
         settings = {**base, "steps": steps, "warmup_steps_excluded": 2, "pairs": steps * base["batch_size"],
                     "prompt_words": prompt_words, "response_words": response_words, "max_length": max_length,
                     "max_prompt_length": max_prompt_length}
@@ -579,7 +633,6 @@ def scaling_table(base: dict, impls: list[str], steps: int) -> list[dict]:
                     r = spawn(impl, variant, workdir)
                     row[f"{impl} {variant}"] = {"median_seconds_per_step": r["median_seconds_per_step"],
                                                 "seconds_per_step": r["seconds_per_step"], "losses": r["losses"],
-                                                "gflops_per_second": r["gflops_per_second"],
                                                 "peak_rss_bytes": r["peak_rss_bytes"], "cores_busy": r["cores_busy"]}
             out.append(row)
         finally:
@@ -617,6 +670,9 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true",
                         help="also run the scaling table (max_length 128-1024, a long-prompt and a long-response shape)")
     parser.add_argument("--scaling-steps", type=int, default=8, help="steps per scaling row (first 2 excluded)")
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help="comma-separated shapes of the scaling table: " + ", ".join(
+                            f"{k} ({v[0]})" for k, v in SHAPES.items()))
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every row this many times, alternating rows, and keep each row's fastest run "
                              "(use 2-3 on a shared machine)")
@@ -629,6 +685,7 @@ def main() -> None:
     # internal: a worker runs one row in its own process and writes its result to --json
     parser.add_argument("--worker", choices=["dpo_exp", "trl", "peak"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=sorted(DPO_EXP_OPTIONS), help=argparse.SUPPRESS)
+    parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -646,6 +703,9 @@ def main() -> None:
             impls.remove("trl")
             if not impls:
                 raise SystemExit(1)
+    shapes = args.shapes.split(",")
+    if set(shapes) - set(SHAPES):
+        raise SystemExit(f"--shapes: unknown {', '.join(sorted(set(shapes) - set(SHAPES)))}; known: {', '.join(SHAPES)}")
     variants = list(DPO_EXP_OPTIONS) if args.rows == "all" else args.rows.split(",")
     unknown = sorted(set(variants) - set(DPO_EXP_OPTIONS))
     if unknown:
@@ -657,7 +717,7 @@ def main() -> None:
     settings = {"steps": args.steps, "warmup_steps_excluded": args.warmup_steps_excluded,
                 "batch_size": args.batch_size, "pairs": args.pairs, "lr": args.lr, "beta": 0.1,
                 "max_grad_norm": 10.0, "prompt_words": 64, "response_words": [64, 128], "max_length": 256,
-                "max_prompt_length": 128, "vocab_size": 8192, "seed": 0,
+                "max_prompt_length": 128, "vocab_size": 8192, "hidden_size": 256, "intermediate_size": 1024, "seed": 0,
                 "threads": args.threads or torch.get_num_threads(),
                 "versions": {name: installed_version(name) for name in ("torch", "transformers", "trl")}}
     # On SIGTERM, exit normally instead: the running worker is killed by subprocess.run and the
@@ -683,12 +743,13 @@ def main() -> None:
                 if impl in impls and (impl, variant) in wanted:
                     runs.setdefault((impl, variant), []).append(spawn(impl, variant, workdir))
         peaks.append(spawn("peak", "fp32", workdir))  # before and after the rows: the best of both
-        peak = {k: max(p[k] for p in peaks) for k in ("fp32", "bf16")}
+        peak = {k: max(p[k] for p in peaks) for k in ("fp32", "bf16", "fp32_model_shapes")}
         rows = {key: max(results, key=lambda r: r["pairs_per_second"]) for key, results in runs.items()}
         for key, results in runs.items():
             rows[key]["all_repeats_pairs_per_second"] = [r["pairs_per_second"] for r in results]
+            add_flop_rate(rows[key], spawn(*key, workdir, count_flops=True), settings["warmup_steps_excluded"])
         summary, ok = report(rows, settings, peak, args.loss_tolerance)
-        scaling = scaling_table(settings, impls, args.scaling_steps) if args.scaling else None
+        scaling = scaling_table(settings, impls, args.scaling_steps, shapes) if args.scaling else None
         if args.json:
             Path(args.json).write_text(json.dumps(
                 {"settings": settings, "peak_gflops_per_second": peak, "rows": [r for r in rows.values()],
