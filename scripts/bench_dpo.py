@@ -86,7 +86,7 @@ DPO_EXP_OPTIONS = {
     "fp32": {},                                                    # the trainer's defaults: prompts shared (sdpa)
     "precompute": {"share_prompt": True, "precompute": True},
     "bf16": {"share_prompt": True, "bf16": True},
-    "pack": {"pack": True},                                        # padding-free packing alone
+    "pack": {"share_prompt": False, "pack": True},                 # padding-free packing alone
     "share+pack": {"share_prompt": True, "pack": True},
     "fastest": {"share_prompt": True, "pack": True, "precompute": True, "bf16": True},
 }

@@ -1,6 +1,6 @@
 """A table per method of a multirun: best gold reward, the KL at that point, and the
-wall-clock and FLOPs spent to reach it (counted by torch's FlopCounterMode during the
-runs, not estimated here).
+wall-clock and FLOPs spent to reach it (counted during the runs with trainer.count_flops=true, as the
+compare experiments set it; not estimated here: a run that did not count shows nan).
 
     python scripts/compare.py outputs/multirun/<date>/<time>_compare_sentiment [--markdown]
 
