@@ -70,8 +70,8 @@ class FlopCount(TorchDispatchMode):
     """The FLOPs of the ops a block executes, as dispatched (matmuls, convolutions and attention, by torch's own
     FLOP formulas, `torch.utils.flop_counter.flop_registry`), so measured rather than estimated from parameter
     counts. The total only: torch's FlopCounterMode also attributes FLOPs to modules through hooks on every module
-    call, which cost a quarter of a small model's step on CPU (scripts/bench_dpo.py measured it); this gives its
-    totals (tests/test_training.py) at a few percent."""
+    call (another ~8% of a small model's step on CPU); this gives its totals (tests/test_layout.py). Dispatching
+    every op through Python still costs 12-28% of that step, hence trainer.count_flops is off by default."""
 
     def __init__(self):
         super().__init__()
