@@ -52,6 +52,7 @@ Run (from the repository root; a few minutes per row set on 2 CPU cores):
     python scripts/bench_dpo.py --rows all --repeats 2 --json bench.json
     python scripts/bench_dpo.py --scaling                        # plus the scaling table
     python scripts/bench_dpo.py --scaling --shapes long-prompt   # one shape of it
+    python scripts/bench_dpo.py --layouts --shapes 256,long-prompt,long-response --scaling-steps 10  # layouts A/B
     python scripts/bench_dpo.py --impl dpo_exp                   # without TRL
 
 TRL is optional (`pip install -e .[bench]`); without it only the dpo_exp rows run.
@@ -650,6 +651,58 @@ def scaling_table(base: dict, impls: list[str], steps: int, shapes: list[str]) -
     return out
 
 
+LAYOUT_AB = {"padded": {"share_prompt": False}, "shared": {"share_prompt": True},
+             "shared+packed": {"share_prompt": True, "pack": True}}
+
+
+def layout_ab(base: dict, shapes: list[str], batches: int) -> list[dict]:
+    """dpo_exp's batch layouts against each other in one process: for each batch of each shape, a policy forward
+    and backward and a no-grad reference forward in every layout, the layouts' order alternating batch by batch,
+    so that this machine's drifting speed hits all alike (separate processes differ by up to 2x here). The first
+    two batches are not timed. Returns s/batch per layout and shape."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from dpo_exp.data import PairLayout, collate_pairs, load_pairs, tokenize_dataset
+    from dpo_exp.models import load_model, sequence_logps
+
+    torch.set_num_threads(base["threads"])
+    out = []
+    for key in shapes:
+        shape, prompt_words, response_words, max_length, max_prompt_length = SHAPES[key]
+        settings = {**base, "steps": batches, "pairs": (batches + 2) * base["batch_size"], "prompt_words": prompt_words,
+                    "response_words": response_words, "max_length": max_length, "max_prompt_length": max_prompt_length}
+        workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_layouts_"))
+        try:
+            build_fixture(workdir, settings)
+            tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
+            pairs, _ = tokenize_dataset(tokenizer, load_pairs(workdir / "pairs.jsonl"), max_length, max_prompt_length)
+            policy = load_model(str(workdir / "model"), torch.float32)
+            reference = load_model(str(workdir / "model"), torch.float32).eval()
+            layouts = {name: PairLayout(**options) for name, options in LAYOUT_AB.items()}
+            seconds = {name: 0.0 for name in layouts}
+            size = base["batch_size"]
+            for i, start in enumerate(range(0, len(pairs) - size + 1, size)):
+                for name in (list(layouts) if i % 2 == 0 else list(reversed(layouts))):
+                    t0 = time.perf_counter()
+                    batch = collate_pairs(pairs[start:start + size], tokenizer.pad_token_id, True, layouts[name])
+                    with torch.no_grad():
+                        sequence_logps(reference, batch)
+                    sequence_logps(policy, batch).logps.sum().backward()
+                    policy.zero_grad(set_to_none=True)
+                    if i >= 2:
+                        seconds[name] += time.perf_counter() - t0
+            timed = max(len(pairs) // size - 2, 1)
+            row = {"shape": shape, "tokens_per_pair": settings["tokens_per_pair"], "batches": timed,
+                   **{name: total / timed for name, total in seconds.items()}}
+            print(f"{shape}: " + ", ".join(f"{name} {row[name]:.3f} s/batch ({row['padded'] / row[name]:.2f}x padded)"
+                                           for name in layouts), flush=True)
+            out.append(row)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -673,6 +726,10 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES),
                         help="comma-separated shapes of the scaling table: " + ", ".join(
                             f"{k} ({v[0]})" for k, v in SHAPES.items()))
+    parser.add_argument("--layouts", action="store_true",
+                        help="instead of the table: dpo_exp's batch layouts (padded, shared, shared+packed) against each "
+                             "other in one process, alternating batch by batch, for the --shapes (--scaling-steps timed "
+                             "batches each)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every row this many times, alternating rows, and keep each row's fastest run "
                              "(use 2-3 on a shared machine)")
@@ -728,6 +785,11 @@ def main() -> None:
         print(f"building the fixture in {workdir}")
         settings["profile"] = bool(args.profile)
         build_fixture(workdir, settings)
+        if args.layouts:
+            result = layout_ab(settings, shapes, args.scaling_steps)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"settings": settings, "layouts": result}, indent=2))
+            return
         if args.profile:
             result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "dpo_exp", "--variant",
                                      args.profile, "--workdir", str(workdir), "--json", str(workdir / "profile.json")],
