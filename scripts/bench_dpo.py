@@ -4,10 +4,10 @@ What it measures, per row (an implementation and a variant of its options):
 - pairs/s, tokens/s and s/step over the timed steps (all steps but the first --warmup-steps-excluded),
   wall time from the end of one optimizer step to the end of the next, so batch fetching,
   collation, forward/backward, clipping, the optimizer and per-step metrics all count;
-- the executed FLOPs of every step (dpo_exp.loop.FlopCount: torch's FLOP formulas of the dispatched ops,
-  without FlopCounterMode's per-module hooks, which cost a quarter of a step here; entered around each step in both
-  implementations alike) and the achieved FLOP rate, as a fraction of this machine's own big-matmul
-  peak in float32 or bfloat16, measured in the same run before and after the rows;
+- the executed FLOPs of every step (dpo_exp.loop.FlopCount: torch's FLOP formulas of the dispatched ops, entered
+  around each step in both implementations alike, in a separate untimed run of the same steps, since counting
+  slows a step) and the achieved FLOP rate, as a fraction of this machine's own big-matmul peak in float32
+  or bfloat16, measured in the same run before and after the rows;
 - peak RSS of the process that trained (VmHWM, see `peak_rss_bytes`);
 - the loss of every step, so the parent can check that both compute the same objective.
 
@@ -105,6 +105,7 @@ SHAPES = {  # --shapes name: (label, prompt words, response words (min, max), ma
     "long-prompt": ("long prompt (HH-like)", 384, (32, 96), 512, 448),
     "long-response": ("long response (TL;DR-like)", 32, (192, 448), 512, 128),
 }
+ATTENTION = "sdpa"  # both implementations' attention (dpo_exp then shares prompts by default)
 SCALING_ROWS = [("dpo_exp", "padded"), ("dpo_exp", "fp32"), ("dpo_exp", "share+pack"), ("trl", "fp32")]
 
 
@@ -288,7 +289,7 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
     setup_start = time.perf_counter()
     precompute = options.get("precompute", False)
     reference = Reference(lambda: freeze(load_model(model_dir, torch.float32)), resident=not precompute,
-                          precision=precision, layout=PairLayout.of(trainer, "sdpa"))
+                          precision=precision, layout=PairLayout.of(trainer, ATTENTION))
     if precompute:  # one pass over all pairs; the reference model is freed afterwards
         reference.precompute("train", pairs, tokenizer.pad_token_id, settings["batch_size"])
     setup_seconds = time.perf_counter() - setup_start
@@ -299,7 +300,7 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
         "trainer": OmegaConf.structured(trainer),
         "optimizer": OmegaConf.structured(OptimizerConfig(name=OptimizerName.adamw, lr=settings["lr"], warmup_steps=0,
                                                           max_grad_norm=settings["max_grad_norm"])),
-        "model": {"attn_implementation": "sdpa"}, "seed": settings["seed"]})
+        "model": {"attn_implementation": ATTENTION}, "seed": settings["seed"]})
     res = Resources(cfg, tokenizer, torch.device("cpu"), policy=policy, reference=reference, train_pairs=pairs)
     algorithm = algorithm_class("dpo")("dpo", cfg, res)
     loop = Loop(algorithm, LoopSettings(show_progress=False, save_final=False, eval_at_start=False, log_every=10**9,
@@ -381,7 +382,7 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     options = TRL_OPTIONS[variant]
-    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32, attn_implementation=ATTENTION)
     out_dir = Path(tempfile.mkdtemp(prefix="trl_run_", dir=workdir))
     args = DPOConfig(
         output_dir=str(out_dir), per_device_train_batch_size=settings["batch_size"], gradient_accumulation_steps=1,
@@ -616,17 +617,23 @@ def report(rows: dict, settings: dict, peaks: dict, tolerance: float) -> tuple[d
     return {"speed_ratio_dpo_exp_over_trl": ratios, "loss_agreement": agreement}, ok
 
 
+def shape_settings(base: dict, key: str, steps: int, pairs: int) -> tuple[str, dict]:
+    """The label and fixture settings of one SHAPES entry: `pairs` pairs, a plan of `steps` steps."""
+    shape, prompt_words, response_words, max_length, max_prompt_length = SHAPES[key]
+    return shape, {**base, "steps": steps, "pairs": pairs, "prompt_words": prompt_words,
+                   "response_words": response_words, "max_length": max_length, "max_prompt_length": max_prompt_length}
+
+
 def scaling_table(base: dict, impls: list[str], steps: int, shapes: list[str]) -> list[dict]:
     """s/step of the SCALING_ROWS for the given SHAPES, each shape in its own fixture, rows alternating."""
     out = []
     for key in shapes:
-        shape, prompt_words, response_words, max_length, max_prompt_length = SHAPES[key]
-        settings = {**base, "steps": steps, "warmup_steps_excluded": 2, "pairs": steps * base["batch_size"],
-                    "prompt_words": prompt_words, "response_words": response_words, "max_length": max_length,
-                    "max_prompt_length": max_prompt_length}
+        shape, settings = shape_settings(base, key, steps, steps * base["batch_size"])
+        settings["warmup_steps_excluded"] = 2
         workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_scaling_"))
         try:
-            print(f"{shape}: prompt {prompt_words} words, responses {response_words[0]}-{response_words[1]}")
+            low, high = settings["response_words"]
+            print(f"{shape}: prompt {settings['prompt_words']} words, responses {low}-{high}")
             build_fixture(workdir, settings)
             row = {"shape": shape, "tokens_per_pair": settings["tokens_per_pair"]}
             for impl, variant in SCALING_ROWS:
@@ -669,9 +676,8 @@ def layout_ab(base: dict, shapes: list[str], batches: int) -> list[dict]:
     torch.set_num_threads(base["threads"])
     out = []
     for key in shapes:
-        shape, prompt_words, response_words, max_length, max_prompt_length = SHAPES[key]
-        settings = {**base, "steps": batches, "pairs": (batches + 2) * base["batch_size"], "prompt_words": prompt_words,
-                    "response_words": response_words, "max_length": max_length, "max_prompt_length": max_prompt_length}
+        shape, settings = shape_settings(base, key, batches, (batches + 2) * base["batch_size"])
+        max_length, max_prompt_length = settings["max_length"], settings["max_prompt_length"]
         workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_layouts_"))
         try:
             build_fixture(workdir, settings)
@@ -780,16 +786,16 @@ def main() -> None:
     # On SIGTERM, exit normally instead: the running worker is killed by subprocess.run and the
     # fixture folder is removed by the `finally` below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.layouts:  # its own fixture per shape
+        result = layout_ab(settings, shapes, args.scaling_steps)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"settings": settings, "layouts": result}, indent=2))
+        return
     workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     try:
         print(f"building the fixture in {workdir}")
         settings["profile"] = bool(args.profile)
         build_fixture(workdir, settings)
-        if args.layouts:
-            result = layout_ab(settings, shapes, args.scaling_steps)
-            if args.json:
-                Path(args.json).write_text(json.dumps({"settings": settings, "layouts": result}, indent=2))
-            return
         if args.profile:
             result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "dpo_exp", "--variant",
                                      args.profile, "--workdir", str(workdir), "--json", str(workdir / "profile.json")],

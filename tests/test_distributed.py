@@ -148,8 +148,8 @@ def test_each_rank_takes_its_slice_of_a_step_with_stand_ins_where_it_has_no_rows
 
 @pytest.mark.slow
 def test_two_processes_take_the_single_process_steps(tmp_path, cache, one_process):
-    """...with shared prompts and packing on the two ranks (one process: left-padded), so the layouts are
-    checked sharded too."""
+    """...with prompts shared and pairs packed on the two ranks (one process: prompts shared, the default, not
+    packed), so packing is checked sharded too."""
     two = tmp_path / "two"
     run(2, two, cache, DPO + ["trainer.share_prompt=true", "trainer.pack=true"])
     assert_same_steps(one_process, two)
