@@ -18,8 +18,12 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-# Attention implementations that take an (N, 1, L, L) mask, which shared-prompt and packed layouts need.
-MASKED_ATTENTION = ("sdpa", "eager")
+# Attention implementations that take a layout mask, which shared prompts need: a dense (N, 1, L, L) one (sdpa,
+# eager) or flex attention's block-sparse BlockMask (dpo_exp.data.examples.layout_mask_mod).
+MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+# FlashAttention kernels take no mask but run packed sequences as one row told apart by restarting positions
+# (transformers' variable-length path): they pack, but cannot share a prompt.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
 class Choice(str, Enum):
@@ -445,10 +449,19 @@ def validate(cfg: Any) -> None:
             f"trainer.batch_size={t.batch_size} does not divide evenly into "
             f"trainer.grad_accumulation_steps={t.grad_accumulation_steps} micro-batches; "
             "pick values whose quotient is a whole number (no examples are ever dropped)")
-    if (t.share_prompt or t.pack) and cfg.model.attn_implementation not in MASKED_ATTENTION:
+    attention = cfg.model.attn_implementation
+    if t.share_prompt and attention not in MASKED_ATTENTION:
         raise ConfigError(
-            f"trainer.share_prompt / trainer.pack need a masked attention (model.attn_implementation=sdpa or eager), "
-            f"not {cfg.model.attn_implementation}; set trainer.share_prompt=false trainer.pack=false to use it")
+            f"trainer.share_prompt needs an attention that takes a mask (model.attn_implementation="
+            f"{' | '.join(MASKED_ATTENTION)}), not {attention}; set trainer.share_prompt=false to use it"
+            + (" (trainer.pack=true still packs with it)" if attention in VARLEN_ATTENTION else ""))
+    if t.pack and attention not in MASKED_ATTENTION + VARLEN_ATTENTION:
+        raise ConfigError(
+            f"trainer.pack needs model.attn_implementation={' | '.join(MASKED_ATTENTION + VARLEN_ATTENTION)}, "
+            f"not {attention}; set trainer.pack=false to use it")
+    if attention == "flex_attention" and _trains_on_cpu(t.device):
+        raise ConfigError("model.attn_implementation=flex_attention trains only on a GPU (torch's flex attention "
+                          "has no backward pass on the CPU); use sdpa here")
     _validate_data_layout(cfg.data)
     if t.micro_batch_tokens is not None and t.micro_batch_tokens <= 0:
         raise ConfigError(f"trainer.micro_batch_tokens must be a positive number of tokens or null "
@@ -526,6 +539,12 @@ def _validate_ppo(cfg: Any) -> None:
 
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or os.path.isdir(path)
+
+
+def _trains_on_cpu(device: str) -> bool:
+    from dpo_exp.models.loading import resolve_device
+
+    return resolve_device(device).type == "cpu"
 
 
 def _has_initial_policy(cfg: Any) -> bool:

@@ -93,10 +93,20 @@ def test_typos_fail_at_composition(override, fragment):
     (["sft.checkpoint=/no/such/folder"], "is not a folder"),
     (["data.excerpt_tokens=96"], r"0 < data.excerpt_tokens < sft.max_length=96"),
     (["task=preference", "data=hh", "data.excerpt_tokens=32"], "it needs task=sentiment"),
+    (["model.attn_implementation=flash_attention_2", "trainer.share_prompt=true"],
+     r"share_prompt needs an attention that takes a mask.*trainer.pack=true still packs"),
+    (["model.attn_implementation=some_kernel", "trainer.pack=true", "trainer.share_prompt=false"],
+     "trainer.pack needs model.attn_implementation="),
+    (["model.attn_implementation=flex_attention", "trainer.device=cpu"], "flex attention has no backward pass on the CPU"),
 ])
 def test_invalid_combinations_fail_before_any_model_loads(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_cfg(overrides))
+
+
+def test_flash_attention_packs_with_prompts_shared_by_default_off():
+    """trainer.share_prompt null means off where the attention takes no mask, so packing alone is asked for."""
+    validate(compose_cfg(["model.attn_implementation=flash_attention_2", "trainer.pack=true"]))
 
 
 def test_an_unknown_algorithm_name_lists_the_registered_ones():

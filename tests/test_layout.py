@@ -104,8 +104,57 @@ def test_chosen_only_batches_pack_too():
 def test_an_attention_that_takes_no_mask_is_a_clear_error():
     model = tiny_model("llama", "sdpa")
     model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="trainer.share_prompt / trainer.pack need model.attn_implementation"):
+    with pytest.raises(ValueError, match="cannot share a prompt"):
         pair_logps(model, PAIRS, LAYOUTS["shared"])
+    model.config._attn_implementation = "some_kernel"
+    with pytest.raises(ValueError, match="trainer.share_prompt / trainer.pack need model.attn_implementation"):
+        pair_logps(model, PAIRS, LAYOUTS["packed"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packing_for_flash_attention_is_one_row_told_apart_by_positions(arch, monkeypatch):
+    """FlashAttention takes no mask: packed pairs reach it as one row without padding, the sequences told apart by
+    their restarting positions (transformers' variable-length path). sdpa reads such a row the same way (it builds
+    the block-diagonal mask from the positions), so running sdpa through that path checks the inputs here."""
+    from dpo_exp.models import logps
+
+    model = tiny_model(arch, "sdpa")
+    expected = pair_logps(model, PAIRS, PairLayout())
+    (expected.chosen.sum() - 2 * expected.rejected.sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    seen = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: seen.append(kw) or real_forward(**kw))
+    monkeypatch.setattr(logps, "VARLEN_ATTENTION", ("sdpa",))
+    got = pair_logps(model, PAIRS, PairLayout(pack=True, pack_length=12))
+    (got.chosen.sum() - 2 * got.rejected.sum()).backward()
+    assert seen[0]["attention_mask"] is None
+    assert seen[0]["input_ids"].shape == (1, sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids)
+                                                for p in PAIRS))  # every token once, no padding
+    torch.testing.assert_close(torch.cat([got.chosen, got.rejected]), torch.cat([expected.chosen, expected.rejected]),
+                               rtol=0, atol=1e-5)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-5)
+
+
+def test_flex_attention_runs_the_layouts_with_a_block_mask():
+    """Flex attention gets the layouts' rule as a BlockMask (GPU: empty blocks skipped). torch has no flex backward
+    on the CPU, so here the forward pass alone (π_ref's and evaluation's log-probs) against padded sdpa."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from dpo_exp.models import logps
+
+    model = tiny_model("llama", "sdpa")
+    with torch.no_grad():
+        expected = pair_logps(model, PAIRS, PairLayout())
+        model.config._attn_implementation = "flex_attention"
+        for name in ("shared", "shared+packed"):
+            batch = collate_pairs(PAIRS, 0, True, LAYOUTS[name])
+            assert isinstance(logps._model_inputs(model, batch, torch.device("cpu"))["attention_mask"], BlockMask)
+            got = PairLogps.split(sequence_logps(model, batch), True)
+            torch.testing.assert_close(torch.cat([got.chosen, got.rejected]),
+                                       torch.cat([expected.chosen, expected.rejected]), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "sft"])

@@ -252,15 +252,29 @@ def _collate_blocks(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: 
     keep[rows_t, cols_t] = True
     flat = torch.full((n * width,), -1, dtype=torch.long)
     flat[keep.flatten()] = torch.arange(int(keep.sum()))                  # kept logits are row-major
-    same_block = block_of.unsqueeze(2) == block_of.unsqueeze(1)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    visible = (segment.unsqueeze(1) == 0) | (segment.unsqueeze(2) == segment.unsqueeze(1))  # the prompt, or itself
-    mask = same_block & causal & visible & (block_of.unsqueeze(2) >= 0)
-    mask |= torch.eye(width, dtype=torch.bool)  # a padding position sees itself only (no empty softmax row)
+    columns = torch.arange(width)
+    mask = layout_mask_mod(block_of, segment)(torch.arange(n)[:, None, None], None, columns[:, None], columns)
     lengths = torch.zeros(2 * b if with_rejected else b, dtype=torch.long).index_add_(0, sequence, torch.ones_like(sequence))
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "keep": keep,
+            "block": block_of, "segment": segment,
             "source": flat[rows_t * width + cols_t], "labels": labels, "sequence": sequence, "offset": offset,
             "lengths": lengths}
+
+
+def layout_mask_mod(block: torch.Tensor, segment: torch.Tensor):
+    """The shared/packed layouts' attention rule as a mask function of (row, head, query, key) indices, the form
+    flex attention's create_block_mask takes; called on broadcast index tensors it gives the dense (N, L, L) mask.
+
+    block, segment: (N, L), each position's block (-1: padding) and part of it (0: the prompt, s >= 1: the s-th
+    response). A position sees the earlier positions of its own block that are prompt or its own response;
+    a padding position sees itself only (no empty softmax row).
+    """
+    def visible(b, h, q, kv):
+        query_block, key_segment = block[b, q], segment[b, kv]
+        same = (query_block == block[b, kv]) & (query_block >= 0) & (kv <= q)
+        return (same & ((key_segment == 0) | (key_segment == segment[b, q]))) | (q == kv)
+
+    return visible
 
 
 def _pack(sizes: list[int], capacity: int) -> list[list[int]]:

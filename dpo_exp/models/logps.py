@@ -20,8 +20,9 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from dpo_exp import distributed
+from dpo_exp.config import MASKED_ATTENTION, VARLEN_ATTENTION
 from dpo_exp.data import collate_sequences
-from dpo_exp.data.examples import padded_targets
+from dpo_exp.data.examples import layout_mask_mod, padded_targets
 from dpo_exp.models.sampling import Samples
 
 
@@ -68,10 +69,9 @@ def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0
     device = next(model.parameters()).device
     if "response_mask" in batch:  # left-padded: the targets follow from its rows
         batch = {**batch, **padded_targets(batch["input_ids"], batch["response_mask"])}
-    keep = batch["keep"].to(device)
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=_attention_mask(model, batch, device),
-                position_ids=batch["position_ids"].to(device), logits_to_keep=keep, use_cache=False)
-    logits = out.logits if out.logits.dim() == 2 else out.logits[keep]     # (K, V), row-major order
+    inputs = _model_inputs(model, batch, device)
+    out = model(**inputs, use_cache=False)
+    logits = out.logits if out.logits.dim() == 2 else out.logits[inputs["logits_to_keep"]]  # (K, V), row-major
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
     if temperature != 1.0:
         logits = logits / temperature
@@ -116,22 +116,42 @@ def _token_logps(logits: torch.Tensor, source: torch.Tensor, labels: torch.Tenso
     return out.index_put((order[second],), -F.cross_entropy(logits[source[second]], labels[second], reduction="none"))
 
 
-def _attention_mask(model: PreTrainedModel, batch: dict, device: torch.device) -> torch.Tensor:
-    """The batch's mask as the model's attention takes it: a padding mask as it is; an (N, L, L) layout mask
-    as (N, 1, L, L), boolean for sdpa (True: attend), additive in the model's dtype for eager."""
+def _model_inputs(model: PreTrainedModel, batch: dict, device: torch.device) -> dict:
+    """The model's inputs for a batch, its mask as the model's attention takes it (MASKED_ATTENTION,
+    VARLEN_ATTENTION): a padding mask as it is; a layout's (N, L, L) mask as (N, 1, L, L), boolean for sdpa (True:
+    attend) and additive in the model's dtype for eager; for flex attention a BlockMask of the same rule, whose
+    empty blocks (other pairs, the other response) are skipped; for FlashAttention no mask at all: the packed rows'
+    tokens as one row, padding dropped, which transformers runs through the variable-length kernel with sequences
+    told apart by their restarting positions (a shared prompt cannot be said that way)."""
+    inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+              "logits_to_keep": batch["keep"].to(device)}
     mask = batch["attention_mask"].to(device)
     if mask.dim() == 2:
-        return mask
+        return {**inputs, "attention_mask": mask}
     implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    if implementation in VARLEN_ATTENTION:
+        if int(batch["segment"].max()) > 1:
+            raise ValueError(f"model.attn_implementation={implementation} takes no mask, so it cannot share a "
+                             f"prompt between two responses; set trainer.share_prompt=false (trainer.pack still works)")
+        real = batch["block"].to(device) >= 0  # row-major, so the kept logits keep their order
+        return {name: value[real].unsqueeze(0) for name, value in inputs.items()} | {"attention_mask": None}
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        n, width = mask.shape[:2]
+        rule = layout_mask_mod(batch["block"].to(device), batch["segment"].to(device))
+        return {**inputs, "attention_mask": create_block_mask(rule, n, None, width, width, device=device)}
     mask = mask.unsqueeze(1)
     if implementation == "sdpa":
-        return mask
+        return {**inputs, "attention_mask": mask}
     if implementation == "eager":
         dtype = next(model.parameters()).dtype
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-    raise ValueError(f"trainer.share_prompt / trainer.pack need model.attn_implementation=sdpa or eager "
-                     f"(got {implementation!r}); set them to false for this attention")
+        return {**inputs, "attention_mask": torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
+            ~mask, torch.finfo(dtype).min)}
+    raise ValueError(f"trainer.share_prompt / trainer.pack need model.attn_implementation="
+                     f"{' | '.join(MASKED_ATTENTION + VARLEN_ATTENTION)} (got {implementation!r}); set them to false "
+                     f"for this attention")
 
 
 @torch.no_grad()
