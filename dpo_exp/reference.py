@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import weakref
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -35,6 +36,7 @@ class Reference:
         self.layout = layout  # how its own batches of pairs are laid out (precompute, logps_of_pairs)
         self.store = store    # where precomputed tables are kept between runs (train.reference_store: the cache)
         self._model: Optional[PreTrainedModel] = load() if resident else None
+        self._last: Optional[weakref.ref] = None  # the last model loaded for a block (model())
         self.resident = resident
         self.precision = precision
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (chosen, rejected) logps
@@ -45,18 +47,19 @@ class Reference:
         if self._model is not None:
             yield self._model
             return
+        if self._last is not None and self._last() is not None:
+            gc.collect()  # the previous one is still alive: a reference cycle holds it (a wrapped model can)
         model = self._load()
-        try:
-            yield model
-        finally:
-            del model
-            gc.collect()
+        self._last = weakref.ref(model)  # freed by its reference count once the caller lets go of it
+        yield model
 
     def release(self) -> None:
         """Free a resident model (after precomputing, or at the end of training)."""
+        alive = weakref.ref(self._model) if self._model is not None else None
         self._model = None
         self.resident = False
-        gc.collect()
+        if alive is not None and alive() is not None:
+            gc.collect()  # a reference cycle holds it
 
     def has_table(self, name: str) -> bool:
         return name in self._tables
@@ -113,3 +116,4 @@ class Reference:
         with autocast(device, self.precision):
             seq: SequenceLogps = sequence_logps(model, batch)
         return PairLogps.split(SequenceLogps(seq.logps.float(), seq.lengths), with_rejected)
+

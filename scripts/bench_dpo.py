@@ -709,6 +709,12 @@ def layout_ab(base: dict, shapes: list[str], batches: int) -> list[dict]:
     return out
 
 
+def write_results(path: str, results: dict) -> None:
+    """--json: the results, into a folder made if missing (outputs/ of a fresh clone holds only .gitkeep)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -789,7 +795,7 @@ def main() -> None:
     if args.layouts:  # its own fixture per shape
         result = layout_ab(settings, shapes, args.scaling_steps)
         if args.json:
-            Path(args.json).write_text(json.dumps({"settings": settings, "layouts": result}, indent=2))
+            write_results(args.json, {"settings": settings, "layouts": result})
         return
     workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     try:
@@ -819,9 +825,8 @@ def main() -> None:
         summary, ok = report(rows, settings, peak, args.loss_tolerance)
         scaling = scaling_table(settings, impls, args.scaling_steps, shapes) if args.scaling else None
         if args.json:
-            Path(args.json).write_text(json.dumps(
-                {"settings": settings, "peak_gflops_per_second": peak, "rows": [r for r in rows.values()],
-                 "scaling": scaling, **summary}, indent=2))
+            write_results(args.json, {"settings": settings, "peak_gflops_per_second": peak,
+                                      "rows": [r for r in rows.values()], "scaling": scaling, **summary})
             print(f"\nresults written to {args.json}")
     finally:
         if args.keep_workdir:

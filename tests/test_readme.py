@@ -362,24 +362,27 @@ def test_every_documented_command_runs_in_order_from_a_fresh_checkout(checkout, 
     results = []
     unmade: set[str] = set()  # folders that commands skipped here (no ../shared) would have written
     for command in COMMANDS:
+        start = time.perf_counter()
         if command.kind == "train":
             how = check_train(command, checkout)
             if how.startswith("skipped"):
                 unmade |= {w.split("=", 1)[1] for w in command.argv if w.startswith(("hydra.sweep.dir=", "hydra.run.dir="))}
-            results.append((command, how))
         elif command.kind == "torchrun":
-            results.append((command, check_torchrun(command, checkout)))
+            how = check_torchrun(command, checkout)
         elif command.kind == "judge":
             reads_unmade = [w for w in command.argv if any(u in w for u in unmade)]
-            results.append((command, f"skipped: reads {reads_unmade[0]}, made by a skipped command" if reads_unmade
-                            else check_judge(command, checkout)))
+            how = (f"skipped: reads {reads_unmade[0]}, made by a skipped command" if reads_unmade
+                   else check_judge(command, checkout))
         elif command.kind == "script":
             reads_unmade = [w for w in command.argv if w in unmade]
-            results.append((command, f"skipped: reads {reads_unmade[0]}, made by a skipped command" if reads_unmade
-                            else check_script(command, checkout)))
-    ran = [c for c, how in results if how.startswith("ran")]
-    with capsys.disabled():  # what was run and what was only composed, for whoever reads the log
-        print("\n" + "\n".join(f"{how:>40}  {c}" for c, how in results))
+            how = (f"skipped: reads {reads_unmade[0]}, made by a skipped command" if reads_unmade
+                   else check_script(command, checkout))
+        else:
+            continue
+        results.append((command, how, time.perf_counter() - start))
+    ran = [c for c, how, _ in results if how.startswith("ran")]
+    with capsys.disabled():  # what was run and what was only composed, and how long it took, for whoever reads the log
+        print("\n" + "\n".join(f"{how:>40} {seconds:6.1f} s  {c}" for c, how, seconds in results))
     assert len(ran) >= (20 if SHARED_DATA.exists() else 15)
 
 

@@ -1,4 +1,5 @@
 """The pieces of the loop a researcher relies on: log-probs, batching, accumulation, schedule."""
+import copy
 import math
 from pathlib import Path
 
@@ -113,7 +114,6 @@ def _pairs():
 
 
 def _grads_after_one_step(tiny_lm, loss_name, accumulation):
-    import copy
 
     policy, ref = copy.deepcopy(tiny_lm[0]), tiny_lm[1]
     cfg = make_cfg({"loss": {"name": loss_name, "beta": 0.1}, "trainer": {"batch_size": 6},
@@ -191,7 +191,6 @@ def _short_pairs():
 
 @pytest.mark.parametrize("loss_name", sorted(set(VARIANTS) | {"sft"}))
 def test_every_pair_loss_is_finite_with_a_finite_gradient_on_eos_only_and_very_short_responses(tiny_lm, loss_name):
-    import copy
 
     policy, ref = copy.deepcopy(tiny_lm[0]), tiny_lm[1]
     cfg = make_cfg({"loss": {"name": loss_name, "beta": 2.0 if loss_name == "simpo" else 0.1, "gamma": 1.0},
@@ -286,3 +285,31 @@ def test_sampled_pairs_store_exact_tokens_and_cut_samples_are_dropped_and_counte
         assert all(t != eos for t in p.chosen_ids[:-1]) and len(p.chosen_ids) <= 48
     tokenized, _ = tokenize_dataset(tok, pairs, cfg.data.max_length, cfg.data.max_prompt_length)
     assert [(t.chosen_ids, t.rejected_ids) for t in tokenized] == [(p.chosen_ids, p.rejected_ids) for p in pairs]
+
+
+def test_a_reference_loaded_per_block_is_freed_after_it_even_through_a_reference_cycle(tiny_lm):
+    """A non-resident π_ref is loaded for each evaluation: the previous one must be gone before the next loads
+    (two in memory is what the non-resident mode avoids), a plain one by its reference count alone, one that a
+    reference cycle holds by a collection before the next load."""
+    import gc
+    import weakref
+
+    loaded = []
+
+    def load():
+        model = copy.deepcopy(tiny_lm[1])
+        model.config.owner = model  # a reference cycle, as a wrapped model can hold
+        loaded.append(weakref.ref(model))
+        return model
+
+    reference = Reference(load, resident=False)
+    gc.disable()  # no automatic collection may do the work for it
+    try:
+        with reference.model() as model:
+            model(torch.tensor([[1, 2, 3]]))
+        del model
+        assert loaded[0]() is not None  # only the cycle holds it now
+        with reference.model():
+            assert loaded[0]() is None  # collected before the second model was loaded
+    finally:
+        gc.enable()
