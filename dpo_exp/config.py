@@ -236,6 +236,7 @@ class TrainerConfig:
     precision: Precision = Precision.fp32
     show_progress: bool = True
     count_flops: bool = False
+    reuse_freed_memory: bool = True  # on the CPU: freed tensors' memory reused (dpo_exp.loop.reuse_freed_memory)
     share_prompt: Optional[bool] = None  # None: on where the attention takes a mask (PairLayout.of)
     pack: bool = False
     pack_length: Optional[int] = None

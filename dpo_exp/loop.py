@@ -53,12 +53,33 @@ class LoopSettings:
     max_skipped_steps: int = 10       # optimizer steps skipped for a non-finite loss or grad norm before stopping
     show_progress: bool = True        # progress bar with ETA
     count_flops: bool = False         # count executed FLOPs (FlopCount); costs ~15% of a small model's step
+    reuse_freed_memory: bool = True   # training on the CPU: reuse_freed_memory() before the first step
 
     @classmethod
     def from_trainer(cls, trainer_cfg, **overrides) -> "LoopSettings":
         names = {f.name for f in fields(cls)}
         values = {name: getattr(trainer_cfg, name) for name in names if hasattr(trainer_cfg, name)}
         return cls(**{**values, **overrides})
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next allocation instead of returning it to the system.
+
+    By default every allocation above 32 MB (a step's logits, activations, their gradients) is a fresh mmap, and
+    the kernel zero-fills each of its pages at first touch: on the CPU that page faulting, not arithmetic, is most
+    of an elementwise op's time (a 1600x8192 float32 copy: 14.6 ms, 2.2 ms with reuse; the benchmark's fp32 step:
+    1.25x faster, peak RSS unchanged). Process-wide and permanent: the process then keeps its peak heap, which is
+    what a training process holds anyway. Returns whether it took effect (False off glibc, e.g. macOS).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 class _NoCount:
@@ -236,6 +257,8 @@ class Loop:
         self.trained = [Trained(name, module, opt_cfg, total_steps, primary=i == 0)
                         for i, (name, (module, opt_cfg)) in enumerate(algorithm.trained().items())]
         self.model = self.trained[0].module  # evaluated, and saved as the run's model
+        if settings.reuse_freed_memory and next(self.model.parameters()).device.type == "cpu":
+            reuse_freed_memory()
         self.step = 0                        # iterations done (= optimizer steps for offline algorithms)
         self.flops = 0
         self.train_seconds = 0.0             # wall-clock of training, evaluation and saving excluded

@@ -341,7 +341,10 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
 
     from dpo_exp.data import load_pairs
 
-    from dpo_exp.loop import FlopCount
+    from dpo_exp.loop import FlopCount, reuse_freed_memory
+
+    if settings.get("trl_reuse_freed_memory"):
+        reuse_freed_memory()
 
     class StepTimer(TrainerCallback):
         """End time of every optimizer step, or (the FLOP-count run) its executed FLOPs (FlopCount, as dpo_exp's
@@ -545,6 +548,9 @@ def report(rows: dict, settings: dict, peaks: dict, tolerance: float) -> tuple[d
           f"{settings['batch_size']}, {settings['steps']} steps ({settings['warmup_steps_excluded']} excluded), "
           f"{settings['threads']} torch threads, lr {settings['lr']:g}, beta {settings['beta']}"
           + (f", fastest of {repeats} runs per row" if repeats > 1 else ""))
+    print("allocator: dpo_exp's CPU training reuses freed memory (dpo_exp.loop.reuse_freed_memory); TRL's workers "
+          + ("were given the same setting (--trl-reuse-freed-memory)" if settings.get("trl_reuse_freed_memory")
+             else "run with glibc's default (--trl-reuse-freed-memory gives them the setting)"))
     print(f"machine peak (one {2048}x{2048} matmul, best burst): fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s; the model's own fp32 matmuls at a step's shapes (forward and "
           f"backward, best burst): {peaks['fp32_model_shapes']:.0f} GFLOP/s "
@@ -730,6 +736,9 @@ def main() -> None:
                         help="comma-separated dpo_exp variants to run, each with its TRL counterpart, or 'all': "
                              + ", ".join(DPO_EXP_OPTIONS))
     parser.add_argument("--bf16", action="store_true", help="also run the bf16 rows (bf16, fastest)")
+    parser.add_argument("--trl-reuse-freed-memory", action="store_true",
+                        help="give TRL's workers the allocator setting dpo_exp's CPU training makes "
+                             "(dpo_exp.loop.reuse_freed_memory), to see what is left of the gap without it")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="also run the rows with reference log-probs precomputed (precompute, fastest)")
     parser.add_argument("--scaling", action="store_true",
@@ -788,6 +797,7 @@ def main() -> None:
                 "max_grad_norm": 10.0, "prompt_words": 64, "response_words": [64, 128], "max_length": 256,
                 "max_prompt_length": 128, "vocab_size": 8192, "hidden_size": 256, "intermediate_size": 1024, "seed": 0,
                 "threads": args.threads or torch.get_num_threads(),
+                "trl_reuse_freed_memory": args.trl_reuse_freed_memory,
                 "versions": {name: installed_version(name) for name in ("torch", "transformers", "trl")}}
     # On SIGTERM, exit normally instead: the running worker is killed by subprocess.run and the
     # fixture folder is removed by the `finally` below.

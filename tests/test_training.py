@@ -313,3 +313,62 @@ def test_a_reference_loaded_per_block_is_freed_after_it_even_through_a_reference
             assert loaded[0]() is None  # collected before the second model was loaded
     finally:
         gc.enable()
+
+
+def test_token_log_probs_and_their_gradient_are_the_log_softmax_ones():
+    """The fused token log-probs (a row may predict two targets, as a shared prompt's last position does): values
+    by hand and against torch's log_softmax, the gradient against autograd through log_softmax and against
+    finite differences, in float64."""
+    from dpo_exp.models.logps import TokenLogps
+
+    by_hand = TokenLogps.apply(torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64), torch.tensor([0, 0]),
+                               torch.tensor([1, 0]))
+    torch.testing.assert_close(by_hand, torch.tensor([math.log(0.75), math.log(0.25)], dtype=torch.float64))
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    source, labels = torch.tensor([0, 1, 1, 2, 3, 3, 4]), torch.tensor([3, 0, 6, 2, 2, 5, 1])
+    weights = torch.randn(7, dtype=torch.float64)
+    got, expected = TokenLogps.apply(logits, source, labels), torch.log_softmax(logits, -1)[source, labels]
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad((got * weights).sum(), logits)[0],
+                               torch.autograd.grad((expected * weights).sum(), logits)[0])
+    assert torch.autograd.gradcheck(lambda x: TokenLogps.apply(x, source, labels), (logits,))
+
+
+def test_cpu_training_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
+    """A 64 MB tensor allocated again after being freed: by default a fresh mmap, every page faulted in anew;
+    after reuse_freed_memory() (what the loop does on the CPU) the freed pages come back without faults."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, torch
+from dpo_exp.loop import reuse_freed_memory
+
+def faults_of_a_reallocation():
+    torch.ones(2**24).sum()  # allocate, touch, free
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(2**24).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = faults_of_a_reallocation()
+assert reuse_freed_memory()
+faults_of_a_reallocation()  # the first heap-backed one may grow the heap
+print(default, faults_of_a_reallocation())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    default, reused = map(int, done.stdout.split())
+    assert default > 0 and reused * 10 < default  # 64 MB: 16,384 faults in 4 KiB pages, 32 in huge pages
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_the_loop_reuses_freed_memory_when_training_on_the_cpu_unless_told_not_to(tiny_lm, monkeypatch, reuse):
+    from dpo_exp import loop as loop_module
+
+    calls = []
+    monkeypatch.setattr(loop_module, "reuse_freed_memory", lambda: calls.append(True) or True)
+    cfg = make_cfg({"loss": {"name": "sft"}, "trainer": {"batch_size": 2, "reuse_freed_memory": reuse}})
+    res = Resources(cfg, None, torch.device("cpu"), policy=copy.deepcopy(tiny_lm[0]), train_pairs=_pairs())
+    build_loop(cfg, res)
+    assert calls == ([True] if reuse else [])

