@@ -597,6 +597,14 @@ def report(rows: dict, settings: dict, peaks: dict, tolerance: float) -> tuple[d
                            "median_step": median_ratio, "peak_rss": memory}
         print(f"dpo_exp {variant} / TRL {TRL_COUNTERPART[variant]}: {ratio:.2f}x pairs/s, {median_ratio:.2f}x by "
               f"median step, {memory:.2f}x peak RSS")
+    best = {impl: max(((v, r) for (i, v), r in rows.items() if i == impl), key=lambda vr: vr[1]["pairs_per_second"],
+                      default=None) for impl in ("dpo_exp", "trl")}
+    if best["dpo_exp"] and best["trl"] and len(rows) > 2:  # what the machine's fastest of each actually is
+        (ours_name, ours), (theirs_name, theirs) = best["dpo_exp"], best["trl"]
+        ratios["fastest_measured"] = {"against": f"trl {theirs_name}", "dpo_exp": ours_name,
+                                      "pairs_per_second": ours["pairs_per_second"] / theirs["pairs_per_second"]}
+        print(f"fastest measured: dpo_exp {ours_name} {ours['pairs_per_second']:.2f} pairs/s / TRL {theirs_name} "
+              f"{theirs['pairs_per_second']:.2f}: {ratios['fastest_measured']['pairs_per_second']:.2f}x")
     pairs_to_check = [(("dpo_exp", v), ("trl", TRL_COUNTERPART[v])) for v in DPO_EXP_OPTIONS]
     pairs_to_check += [(("dpo_exp", "padded"), ("dpo_exp", v)) for v in ("fp32", "pack", "share+pack", "precompute")]
     for left, right in pairs_to_check:
