@@ -67,8 +67,8 @@ def reuse_freed_memory() -> bool:
 
     By default every allocation above 32 MB (a step's logits, activations, their gradients) is a fresh mmap, and
     the kernel zero-fills each of its pages at first touch: on the CPU that page faulting, not arithmetic, is most
-    of an elementwise op's time (a 1600x8192 float32 copy: 14.6 ms, 2.2 ms with reuse; the benchmark's fp32 step:
-    1.25x faster, peak RSS unchanged). Process-wide and permanent: the process then keeps its peak heap, which is
+    of an elementwise op's time (a 1600x8192 float32 copy: 14.6 ms, 2.2 ms with reuse; the benchmark's fp32 step, one
+    run each: 1.25x faster, peak RSS unchanged). Process-wide and permanent: the process then keeps its peak heap, which is
     what a training process holds anyway. Returns whether it took effect (False off glibc, e.g. macOS).
     """
     import ctypes

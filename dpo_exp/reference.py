@@ -116,4 +116,3 @@ class Reference:
         with autocast(device, self.precision):
             seq: SequenceLogps = sequence_logps(model, batch)
         return PairLogps.split(SequenceLogps(seq.logps.float(), seq.lengths), with_rejected)
-

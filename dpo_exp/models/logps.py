@@ -76,7 +76,7 @@ def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0
     if temperature != 1.0:
         logits = logits / temperature
     source, labels, sequence = (batch[k].to(device) for k in ("source", "labels", "sequence"))
-    token_logps = _token_logps(logits, source, labels)                      # (T,)
+    token_logps = TokenLogps.apply(logits, source, labels)                      # (T,)
     lengths = batch["lengths"].to(device)
     logps = torch.zeros(lengths.shape[0], dtype=token_logps.dtype, device=device).index_add(0, sequence, token_logps)
     result = SequenceLogps(logps, lengths)
@@ -94,11 +94,6 @@ def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0
                 entropy = torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)
             result.entropy = scatter(entropy[source])
     return result
-
-
-def _token_logps(logits: torch.Tensor, source: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits[source[t]])[labels[t]] for every target t (TokenLogps)."""
-    return TokenLogps.apply(logits, source, labels)
 
 
 class TokenLogps(torch.autograd.Function):
