@@ -19,6 +19,10 @@ fp32 row; its fastest is bf16 autocast with precomputed reference log-probs, wit
 checkpointing). --scaling adds a table of step times as max_length grows (128 to 1024) and for a
 long-prompt and a long-response shape.
 
+The allocator: dpo_exp's CPU training makes glibc reuse freed memory (trainer.reuse_freed_memory), which any
+PyTorch program could do; TRL as installed does not. --trl-allocator both runs every TRL row twice, as shipped
+and with the same setting (rows named "<row>+reuse"), and prints dpo_exp's ratio against each.
+
 The fixed configuration (../shared/docs/reference.md §5): a randomly initialised 8.4M-parameter
 Llama (vocab 8192, hidden 256, FFN 1024, 4 layers, 4 heads), 512 synthetic preference pairs
 (prompt 64 words, responses 64–128 words from a seeded pseudo-word list, one token per word),
@@ -50,6 +54,7 @@ Run (from the repository root; a few minutes per row set on 2 CPU cores):
 
     python scripts/bench_dpo.py                                  # padded and shared-prompt fp32 vs TRL fp32
     python scripts/bench_dpo.py --rows all --repeats 2 --json bench.json
+    python scripts/bench_dpo.py --rows fp32,precompute --trl-allocator both   # TRL as shipped and with dpo_exp's allocator
     python scripts/bench_dpo.py --scaling                        # plus the scaling table
     python scripts/bench_dpo.py --scaling --shapes long-prompt   # one shape of it
     python scripts/bench_dpo.py --layouts --shapes 256,long-prompt,long-response --scaling-steps 10  # layouts A/B
@@ -93,11 +98,14 @@ DPO_EXP_OPTIONS = {
 }
 TRL_OPTIONS = {"fp32": {}, "precompute": {"precompute": True}, "bf16": {"bf16": True},
                "fastest": {"precompute": True, "bf16": True}}       # TRL's fastest: bf16 autocast + precomputed π_ref
+# "<row>+reuse": TRL's row with the allocator setting dpo_exp's CPU training applies (--trl-allocator reuse | both).
+TRL_OPTIONS.update({f"{name}+reuse": {**options, "reuse_freed_memory": True} for name, options in list(TRL_OPTIONS.items())})
 TRL_COUNTERPART = {"padded": "fp32", "fp32": "fp32", "precompute": "precompute", "bf16": "bf16", "pack": "fp32",
                    "share+pack": "fp32", "fastest": "fastest"}
-ROW_ORDER = [("dpo_exp", "padded"), ("dpo_exp", "fp32"), ("trl", "fp32"), ("dpo_exp", "precompute"),
-             ("trl", "precompute"), ("dpo_exp", "bf16"), ("trl", "bf16"), ("dpo_exp", "pack"), ("dpo_exp", "share+pack"),
-             ("dpo_exp", "fastest"), ("trl", "fastest")]
+ROW_ORDER = [("dpo_exp", "padded"), ("dpo_exp", "fp32"), ("trl", "fp32"), ("trl", "fp32+reuse"), ("dpo_exp", "precompute"),
+             ("trl", "precompute"), ("trl", "precompute+reuse"), ("dpo_exp", "bf16"), ("trl", "bf16"), ("trl", "bf16+reuse"),
+             ("dpo_exp", "pack"), ("dpo_exp", "share+pack"), ("dpo_exp", "fastest"), ("trl", "fastest"),
+             ("trl", "fastest+reuse")]
 # The scaling table: step times as the sequences grow, and two shapes whose prompt or responses dominate.
 SHAPES = {  # --shapes name: (label, prompt words, response words (min, max), max_length, max_prompt_length)
     "128": ("length 128", 32, (32, 64), 128, 64), "256": ("length 256", 64, (64, 128), 256, 128),
@@ -343,7 +351,7 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
 
     from dpo_exp.loop import FlopCount, reuse_freed_memory
 
-    if settings.get("trl_reuse_freed_memory"):
+    if TRL_OPTIONS[variant].get("reuse_freed_memory"):
         reuse_freed_memory()
 
     class StepTimer(TrainerCallback):
@@ -548,9 +556,8 @@ def report(rows: dict, settings: dict, peaks: dict, tolerance: float) -> tuple[d
           f"{settings['batch_size']}, {settings['steps']} steps ({settings['warmup_steps_excluded']} excluded), "
           f"{settings['threads']} torch threads, lr {settings['lr']:g}, beta {settings['beta']}"
           + (f", fastest of {repeats} runs per row" if repeats > 1 else ""))
-    print("allocator: dpo_exp's CPU training reuses freed memory (dpo_exp.loop.reuse_freed_memory); TRL's workers "
-          + ("were given the same setting (--trl-reuse-freed-memory)" if settings.get("trl_reuse_freed_memory")
-             else "run with glibc's default (--trl-reuse-freed-memory gives them the setting)"))
+    print("allocator: dpo_exp's CPU training reuses freed memory (dpo_exp.loop.reuse_freed_memory); TRL's rows run "
+          "with glibc's default, its '+reuse' rows with dpo_exp's setting (--trl-allocator default | reuse | both)")
     print(f"machine peak (one {2048}x{2048} matmul, best burst): fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s; the model's own fp32 matmuls at a step's shapes (forward and "
           f"backward, best burst): {peaks['fp32_model_shapes']:.0f} GFLOP/s "
@@ -585,27 +592,35 @@ def report(rows: dict, settings: dict, peaks: dict, tolerance: float) -> tuple[d
     ratios, agreement, ok = {}, {}, True
     print()
     for (impl, variant), ours in rows.items():
-        theirs = rows.get(("trl", TRL_COUNTERPART.get(variant, "")))
-        if impl != "dpo_exp" or theirs is None:
+        if impl != "dpo_exp" or variant not in TRL_COUNTERPART:
             continue
-        ratio = ours["pairs_per_second"] / theirs["pairs_per_second"]
-        # both saw the same batches, so the ratio of median step times is comparable too,
-        # and less sensitive to a burst of outside load than the ratio of totals
-        median_ratio = theirs["median_seconds_per_step"] / ours["median_seconds_per_step"]
-        memory = ours["peak_rss_bytes"] / theirs["peak_rss_bytes"]
-        ratios[variant] = {"against": f"trl {TRL_COUNTERPART[variant]}", "pairs_per_second": ratio,
-                           "median_step": median_ratio, "peak_rss": memory}
-        print(f"dpo_exp {variant} / TRL {TRL_COUNTERPART[variant]}: {ratio:.2f}x pairs/s, {median_ratio:.2f}x by "
-              f"median step, {memory:.2f}x peak RSS")
-    best = {impl: max(((v, r) for (i, v), r in rows.items() if i == impl), key=lambda vr: vr[1]["pairs_per_second"],
-                      default=None) for impl in ("dpo_exp", "trl")}
-    if best["dpo_exp"] and best["trl"] and len(rows) > 2:  # what the machine's fastest of each actually is
-        (ours_name, ours), (theirs_name, theirs) = best["dpo_exp"], best["trl"]
-        ratios["fastest_measured"] = {"against": f"trl {theirs_name}", "dpo_exp": ours_name,
-                                      "pairs_per_second": ours["pairs_per_second"] / theirs["pairs_per_second"]}
-        print(f"fastest measured: dpo_exp {ours_name} {ours['pairs_per_second']:.2f} pairs/s / TRL {theirs_name} "
-              f"{theirs['pairs_per_second']:.2f}: {ratios['fastest_measured']['pairs_per_second']:.2f}x")
-    pairs_to_check = [(("dpo_exp", v), ("trl", TRL_COUNTERPART[v])) for v in DPO_EXP_OPTIONS]
+        for counterpart in (TRL_COUNTERPART[variant], TRL_COUNTERPART[variant] + "+reuse"):
+            theirs = rows.get(("trl", counterpart))
+            if theirs is None:
+                continue
+            ratio = ours["pairs_per_second"] / theirs["pairs_per_second"]
+            # both saw the same batches, so the ratio of median step times is comparable too,
+            # and less sensitive to a burst of outside load than the ratio of totals
+            median_ratio = theirs["median_seconds_per_step"] / ours["median_seconds_per_step"]
+            memory = ours["peak_rss_bytes"] / theirs["peak_rss_bytes"]
+            ratios[variant if counterpart == TRL_COUNTERPART[variant] else f"{variant} vs +reuse"] = {
+                "against": f"trl {counterpart}", "pairs_per_second": ratio, "median_step": median_ratio,
+                "peak_rss": memory}
+            print(f"dpo_exp {variant} / TRL {counterpart}: {ratio:.2f}x pairs/s, {median_ratio:.2f}x by "
+                  f"median step, {memory:.2f}x peak RSS")
+    for allocator, suffix in (("default", ""), ("reuse", "+reuse")):  # what the machine's fastest of each actually is
+        best = {impl: max(((v, r) for (i, v), r in rows.items() if i == impl and (impl == "dpo_exp" or
+                           v.endswith("+reuse") == bool(suffix))), key=lambda vr: vr[1]["pairs_per_second"], default=None)
+                for impl in ("dpo_exp", "trl")}
+        if best["dpo_exp"] and best["trl"] and len(rows) > 2:
+            (ours_name, ours), (theirs_name, theirs) = best["dpo_exp"], best["trl"]
+            ratios["fastest_measured" + suffix] = {"against": f"trl {theirs_name}", "dpo_exp": ours_name,
+                                                   "pairs_per_second": ours["pairs_per_second"] / theirs["pairs_per_second"]}
+            print(f"fastest measured (TRL's allocator {allocator}): dpo_exp {ours_name} {ours['pairs_per_second']:.2f} "
+                  f"pairs/s / TRL {theirs_name} {theirs['pairs_per_second']:.2f}: "
+                  f"{ratios['fastest_measured' + suffix]['pairs_per_second']:.2f}x")
+    pairs_to_check = [(("dpo_exp", v), ("trl", TRL_COUNTERPART[v] + suffix)) for v in DPO_EXP_OPTIONS
+                      for suffix in ("", "+reuse")]
     pairs_to_check += [(("dpo_exp", "padded"), ("dpo_exp", v)) for v in ("fp32", "pack", "share+pack", "precompute")]
     for left, right in pairs_to_check:
         if left in rows and right in rows:
@@ -685,9 +700,11 @@ def layout_ab(base: dict, shapes: list[str], batches: int) -> list[dict]:
     from transformers import AutoTokenizer
 
     from dpo_exp.data import PairLayout, collate_pairs, load_pairs, tokenize_dataset
+    from dpo_exp.loop import reuse_freed_memory
     from dpo_exp.models import load_model, sequence_logps
 
     torch.set_num_threads(base["threads"])
+    reuse_freed_memory()  # as the trainer's loop does on the CPU: without it every large tensor is page-faulted anew
     out = []
     for key in shapes:
         shape, settings = shape_settings(base, key, batches, (batches + 2) * base["batch_size"])
@@ -744,9 +761,11 @@ def main() -> None:
                         help="comma-separated dpo_exp variants to run, each with its TRL counterpart, or 'all': "
                              + ", ".join(DPO_EXP_OPTIONS))
     parser.add_argument("--bf16", action="store_true", help="also run the bf16 rows (bf16, fastest)")
+    parser.add_argument("--trl-allocator", choices=["default", "reuse", "both"], default="default",
+                        help="TRL's rows with glibc's default allocator, with the setting dpo_exp's CPU training applies "
+                             "(dpo_exp.loop.reuse_freed_memory; rows named '+reuse'), or both side by side")
     parser.add_argument("--trl-reuse-freed-memory", action="store_true",
-                        help="give TRL's workers the allocator setting dpo_exp's CPU training makes "
-                             "(dpo_exp.loop.reuse_freed_memory), to see what is left of the gap without it")
+                        help="the same as --trl-allocator reuse")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="also run the rows with reference log-probs precomputed (precompute, fastest)")
     parser.add_argument("--scaling", action="store_true",
@@ -770,7 +789,7 @@ def main() -> None:
     parser.add_argument("--keep-workdir", action="store_true", help="keep the fixture folder (weights, pairs)")
     # internal: a worker runs one row in its own process and writes its result to --json
     parser.add_argument("--worker", choices=["dpo_exp", "trl", "peak"], help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=sorted(DPO_EXP_OPTIONS), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=sorted(set(DPO_EXP_OPTIONS) | set(TRL_OPTIONS)), help=argparse.SUPPRESS)
     parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -798,14 +817,16 @@ def main() -> None:
         raise SystemExit(f"--rows: unknown {', '.join(unknown)}; known: {', '.join(DPO_EXP_OPTIONS)}")
     variants += (["precompute"] if args.precompute_ref else []) + (["bf16"] if args.bf16 else [])
     variants += ["fastest"] if args.bf16 and args.precompute_ref else []
-    wanted = {("dpo_exp", v) for v in variants} | {("trl", TRL_COUNTERPART[v]) for v in variants}
+    allocator = "reuse" if args.trl_reuse_freed_memory else args.trl_allocator
+    suffixes = {"default": [""], "reuse": ["+reuse"], "both": ["", "+reuse"]}[allocator]
+    wanted = {("dpo_exp", v) for v in variants} | {("trl", TRL_COUNTERPART[v] + s) for v in variants for s in suffixes}
 
     settings = {"steps": args.steps, "warmup_steps_excluded": args.warmup_steps_excluded,
                 "batch_size": args.batch_size, "pairs": args.pairs, "lr": args.lr, "beta": 0.1,
                 "max_grad_norm": 10.0, "prompt_words": 64, "response_words": [64, 128], "max_length": 256,
                 "max_prompt_length": 128, "vocab_size": 8192, "hidden_size": 256, "intermediate_size": 1024, "seed": 0,
                 "threads": args.threads or torch.get_num_threads(),
-                "trl_reuse_freed_memory": args.trl_reuse_freed_memory,
+                "trl_allocator": allocator,
                 "versions": {name: installed_version(name) for name in ("torch", "transformers", "trl")}}
     # On SIGTERM, exit normally instead: the running worker is killed by subprocess.run and the
     # fixture folder is removed by the `finally` below.
