@@ -172,8 +172,8 @@ class PairLayout:
     def of(cls, trainer, attention: str) -> "PairLayout":
         """The layout a trainer config asks for (trainer.share_prompt, trainer.pack, trainer.pack_length) with
         the model's attention implementation: share_prompt null shares wherever the attention takes a layout
-        mask (MASKED_ATTENTION): as fast or faster than padded rows in the benchmark's shapes, 1.7x with long
-        prompts, except where long responses dominate (0.95x; README, scripts/bench_dpo.py --layouts)."""
+        mask (MASKED_ATTENTION): as fast as padded rows or faster in the benchmark's shapes, 1.6x with long
+        prompts, even where long responses dominate (0.99x; README, scripts/bench_dpo.py --layouts)."""
         share = trainer.share_prompt if trainer.share_prompt is not None else attention in MASKED_ATTENTION
         return cls(bool(share), bool(trainer.pack), trainer.pack_length)
 
