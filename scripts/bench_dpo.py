@@ -653,8 +653,11 @@ def shape_settings(base: dict, key: str, steps: int, pairs: int) -> tuple[str, d
                    "response_words": response_words, "max_length": max_length, "max_prompt_length": max_prompt_length}
 
 
-def scaling_table(base: dict, impls: list[str], steps: int, shapes: list[str]) -> list[dict]:
-    """s/step of the SCALING_ROWS for the given SHAPES, each shape in its own fixture, rows alternating."""
+def scaling_table(base: dict, impls: list[str], steps: int, shapes: list[str], trl_suffixes: list[str]) -> list[dict]:
+    """s/step of the SCALING_ROWS for the given SHAPES, each shape in its own fixture, rows alternating; TRL's row
+    as shipped and/or with dpo_exp's allocator setting (trl_suffixes "" and "+reuse", from --trl-allocator)."""
+    rows = [(i, v) for i, v in SCALING_ROWS if i == "dpo_exp"] + [(i, v + s) for i, v in SCALING_ROWS if i == "trl"
+                                                                  for s in trl_suffixes]
     out = []
     for key in shapes:
         shape, settings = shape_settings(base, key, steps, steps * base["batch_size"])
@@ -665,7 +668,7 @@ def scaling_table(base: dict, impls: list[str], steps: int, shapes: list[str]) -
             print(f"{shape}: prompt {settings['prompt_words']} words, responses {low}-{high}")
             build_fixture(workdir, settings)
             row = {"shape": shape, "tokens_per_pair": settings["tokens_per_pair"]}
-            for impl, variant in SCALING_ROWS:
+            for impl, variant in rows:
                 if impl in impls:
                     r = spawn(impl, variant, workdir)
                     row[f"{impl} {variant}"] = {"median_seconds_per_step": r["median_seconds_per_step"],
@@ -674,15 +677,14 @@ def scaling_table(base: dict, impls: list[str], steps: int, shapes: list[str]) -
             out.append(row)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-    names = [f"{i} {v}" for i, v in SCALING_ROWS if i in impls]
+    names = [f"{i} {v}" for i, v in rows if i in impls]
+    theirs = [n for n in names if n.startswith("trl ")]
     print(f"\n{'shape':<28} {'tokens/pair':>11} " + " ".join(f"{n + ' s/step':>24}" for n in names)
-          + ("  TRL / dpo_exp" if "trl fp32" in names else ""))
+          + "".join(f"  {n} / dpo_exp" for n in theirs))
     for row in out:
         cells = " ".join(f"{row[n]['median_seconds_per_step']:>24.3f}" for n in names)
-        ratios = ""
-        if "trl fp32" in names:
-            trl = row["trl fp32"]["median_seconds_per_step"]
-            ratios = "  " + ", ".join(f"{trl / row[n]['median_seconds_per_step']:.2f}x" for n in names if n != "trl fp32")
+        ratios = "".join("  " + ", ".join(f"{row[t]['median_seconds_per_step'] / row[n]['median_seconds_per_step']:.2f}x"
+                                          for n in names if not n.startswith("trl ")) for t in theirs)
         print(f"{row['shape']:<28} {row['tokens_per_pair']:>11.0f} {cells}{ratios}")
     return out
 
@@ -862,7 +864,7 @@ def main() -> None:
             rows[key]["all_repeats_pairs_per_second"] = [r["pairs_per_second"] for r in results]
             add_flop_rate(rows[key], spawn(*key, workdir, count_flops=True), settings["warmup_steps_excluded"])
         summary, ok = report(rows, settings, peak, args.loss_tolerance)
-        scaling = scaling_table(settings, impls, args.scaling_steps, shapes) if args.scaling else None
+        scaling = scaling_table(settings, impls, args.scaling_steps, shapes, suffixes) if args.scaling else None
         if args.json:
             write_results(args.json, {"settings": settings, "peak_gflops_per_second": peak,
                                       "rows": [r for r in rows.values()], "scaling": scaling, **summary})
