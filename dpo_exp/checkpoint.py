@@ -42,7 +42,8 @@ _STEP_DIR = re.compile(r"step_(\d+)$")
 # logs go, and how the run is watched or checkpointed, never what it computes.
 RESUMABLE_CHANGES = ("paths.", "logger.", "objective", "run_name", "trainer.resume", "trainer.show_progress",
                      "trainer.save_every", "trainer.keep_checkpoints", "trainer.max_skipped_steps",
-                     "trainer.fsdp.")  # how a run is sharded: a run saved by 2 processes resumes in 1
+                     "trainer.fsdp.",  # how a run is sharded: a run saved by 2 processes resumes in 1
+                     "trainer.logits_chunk_tokens")  # memory, not results: a run that ran out resumes with less
 _DCP_OPTIONS = StateDictOptions(ignore_frozen_params=True)  # frozen weights (LoRA's base) come from π_SFT
 
 

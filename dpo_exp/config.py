@@ -237,6 +237,7 @@ class TrainerConfig:
     show_progress: bool = True
     count_flops: bool = False
     reuse_freed_memory: bool = True  # on the CPU: freed tensors' memory reused (dpo_exp.loop.reuse_freed_memory)
+    logits_chunk_tokens: Optional[int] = None  # LM-head chunk (dpo_exp.models.logps.chunk_size); None: auto, 0: off
     share_prompt: Optional[bool] = None  # None: on where the attention takes a mask (PairLayout.of)
     pack: bool = False
     pack_length: Optional[int] = None

@@ -226,6 +226,12 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def reshard(module: nn.Module) -> None:
+    """Free a sharded model's gathered weights (a no-op unsharded): after a forward no backward follows."""
+    if is_sharded(module):
+        module.reshard()
+
+
 def shard(model: nn.Module, block_class: Optional[str], fsdp_cfg, precision: str) -> nn.Module:
     """Shard `model` in place with FSDP2 across all ranks: each transformer block (model.block_class, or the
     model's _no_split_modules) is one unit, the root holds the rest (embeddings, final norm, heads).
@@ -247,7 +253,9 @@ def shard(model: nn.Module, block_class: Optional[str], fsdp_cfg, precision: str
     kwargs["offload_policy"] = CPUOffloadPolicy() if fsdp_cfg.cpu_offload else OffloadPolicy()
     for block in find_blocks(model, block_class):
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    # The root (embeddings, final norm, LM head) stays gathered from its forward to its backward, as FSDP2 does
+    # by default: the chunked LM head (models.logps) reads the head's weight after the model's forward returns.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     if hasattr(model, "get_base_model"):  # peft: generate runs the wrapped model's forward, not the root's
         from torch.distributed.fsdp import register_fsdp_forward_method
 

@@ -36,6 +36,7 @@ from dpo_exp.loop import Diverged, Loop, LoopSettings, Preempted, seed_everythin
 from dpo_exp.models import (AdapterDisabled, ScalarHeadModel, apply_lora, find_blocks, freeze, load_model,
                             load_tokenizer, make_value_model, resolve_device, torch_dtype)
 from dpo_exp.reference import Reference
+from dpo_exp.models.logps import set_logits_chunk_tokens
 from dpo_exp.stages import preference_data, reward_model_dir, sft_policy, stage_costs, stages_paid, tokenizer_source
 from dpo_exp.tasks import build_task
 
@@ -294,6 +295,7 @@ def run(cfg: DictConfig) -> dict:
     """One experiment, end to end; returns its summary (final evaluation and bookkeeping)."""
     validate(cfg)
     distributed.adopt_submitit_environment()
+    set_logits_chunk_tokens(cfg.trainer.logits_chunk_tokens)
     distributed.init(resolve_device(cfg.trainer.device).type == "cuda", cfg.trainer.fsdp.timeout_minutes)
     agree_on_run_directory(cfg)
     check_resume(cfg)

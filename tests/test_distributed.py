@@ -148,10 +148,11 @@ def test_each_rank_takes_its_slice_of_a_step_with_stand_ins_where_it_has_no_rows
 
 @pytest.mark.slow
 def test_two_processes_take_the_single_process_steps(tmp_path, cache, one_process):
-    """...with prompts shared and pairs packed on the two ranks (one process: prompts shared, the default, not
-    packed), so packing is checked sharded too."""
+    """...with prompts shared, pairs packed and log-probs through the LM head in 8-token chunks on the two ranks
+    (one process: prompts shared, the default, not packed, the whole head at once), so packing and the chunked
+    head (the tied head's weight as FSDP2 gathers it, its gradient reduced) are checked sharded too."""
     two = tmp_path / "two"
-    run(2, two, cache, DPO + ["trainer.share_prompt=true", "trainer.pack=true"])
+    run(2, two, cache, DPO + ["trainer.share_prompt=true", "trainer.pack=true", "trainer.logits_chunk_tokens=8"])
     assert_same_steps(one_process, two)
     config = json.loads((two / "checkpoints" / "final" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]  # not FSDP's renamed class
