@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dpo_exp.conf_path import CONF_DIR
 from dpo_exp.config import Config, ConfigError, LoggerName, register_configs
 from dpo_exp.judging.config import JUDGES, register_judging_configs
 from dpo_exp.judging.judges import Comparison, GoldJudge, HFJudge, Judge, RewardModelJudge
@@ -204,7 +205,7 @@ def prompt_template(cfg, kind: str) -> dict:
     p = cfg.judge_prompt
     if p.name != "auto":
         return {"name": p.name, "system": p.system, "user": p.user}
-    chosen = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "judge_prompt" / f"{kind}.yaml")
+    chosen = OmegaConf.load(CONF_DIR / "judge_prompt" / f"{kind}.yaml")
     return {"name": kind, "system": chosen.system, "user": chosen.user}
 
 
@@ -354,7 +355,7 @@ def judge_after_training(train_cfg) -> dict:
     if GlobalHydra.instance().is_initialized():  # inside `python -m dpo_exp.train`
         cfg = compose("judging", overrides=overrides)
     else:
-        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("judging", overrides=overrides)
     return judge_runs(cfg)
 
@@ -432,7 +433,7 @@ def output_dir() -> Path:
     return folder
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="judging")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="judging")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

@@ -27,6 +27,7 @@ from dpo_exp import checkpoint, distributed
 from dpo_exp.algorithms import Needs, Resources
 from dpo_exp.cache import get_or_build
 from dpo_exp.config import ConfigError, algorithm_of, register_configs, validate
+from dpo_exp.conf_path import CONF_DIR
 from dpo_exp.data import PairLayout, prompt_token_ids, tokenize_dataset
 from dpo_exp.data.files import DataFileError
 from dpo_exp.errors import readable_errors
@@ -35,8 +36,8 @@ from dpo_exp.loggers import FileSink, RunLogger, WandbSink, is_main_process
 from dpo_exp.loop import Diverged, Loop, LoopSettings, Preempted, seed_everything
 from dpo_exp.models import (AdapterDisabled, ScalarHeadModel, apply_lora, find_blocks, freeze, load_model,
                             load_tokenizer, make_value_model, resolve_device, torch_dtype)
-from dpo_exp.reference import Reference
 from dpo_exp.models.logps import set_logits_chunk_tokens
+from dpo_exp.reference import Reference
 from dpo_exp.stages import preference_data, reward_model_dir, sft_policy, stage_costs, stages_paid, tokenizer_source
 from dpo_exp.tasks import build_task
 
@@ -294,8 +295,8 @@ def report_cached_stage(cfg, prep: Prepared, logger: RunLogger) -> dict:
 def run(cfg: DictConfig) -> dict:
     """One experiment, end to end; returns its summary (final evaluation and bookkeeping)."""
     validate(cfg)
-    distributed.adopt_submitit_environment()
     set_logits_chunk_tokens(cfg.trainer.logits_chunk_tokens)
+    distributed.adopt_submitit_environment()
     distributed.init(resolve_device(cfg.trainer.device).type == "cuda", cfg.trainer.fsdp.timeout_minutes)
     agree_on_run_directory(cfg)
     check_resume(cfg)
@@ -362,7 +363,7 @@ def print_summary(summary: dict, cfg, algorithm) -> None:
         print("\n".join(summary_lines(summary, cfg, algorithm)))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     with readable_errors(cfg.paths.output_dir):
         return _main(cfg)
