@@ -1,6 +1,9 @@
 """The paper's experiments as presets: they carry the paper's settings, and each runs end to
-end here at tiny scale on the real local data (skipped with a reason when it is absent)."""
+end here at tiny scale on the real local data (skipped with a reason when it is absent). The model presets (the
+paper's models and current chat models) match their published architectures, checked offline."""
 import json
+import sys
+from typing import NamedTuple
 
 import pytest
 
@@ -65,3 +68,101 @@ def test_invalid_rows_of_the_real_ultrafeedback_sample_are_counted(smoke_cfg):
     assert summary["data/skipped/train/chosen_equals_rejected"] == 4
     assert summary["data/skipped/train/empty:chosen"] == 1
     assert summary["data/skipped/train/empty:rejected"] == 1
+
+
+# ---- model presets: the paper's models and current chat models, checked offline against their architectures ----
+
+class Published(NamedTuple):
+    hub_id: str
+    billions: float     # parameters, as the model card states them
+    block_class: str    # transformers' decoder-layer class (FSDP's unit)
+    policy_dtype: str
+    reference_dtype: str
+    attention: str
+
+
+MODEL_PRESETS = {
+    "gpt2_large": Published("gpt2-large", 0.774, "GPT2Block", "float32", "float16", "sdpa"),
+    "pythia_2_8b": Published("EleutherAI/pythia-2.8b", 2.78, "GPTNeoXLayer", "float32", "float16", "sdpa"),
+    "gpt_j_6b": Published("EleutherAI/gpt-j-6b", 6.05, "GPTJBlock", "float32", "float16", "sdpa"),
+    "smollm2_135m": Published("HuggingFaceTB/SmolLM2-135M-Instruct", 0.135, "LlamaDecoderLayer", "float32", "float32",
+                              "sdpa"),
+    "llama3_1_8b_instruct": Published("meta-llama/Llama-3.1-8B-Instruct", 8.03, "LlamaDecoderLayer", "float32",
+                                      "bfloat16", "sdpa"),
+    "qwen2_5_7b_instruct": Published("Qwen/Qwen2.5-7B-Instruct", 7.62, "Qwen2DecoderLayer", "float32", "bfloat16",
+                                     "sdpa"),
+    "qwen3_8b": Published("Qwen/Qwen3-8B", 8.19, "Qwen3DecoderLayer", "float32", "bfloat16", "sdpa"),
+    "mistral_7b_instruct": Published("mistralai/Mistral-7B-Instruct-v0.3", 7.25, "MistralDecoderLayer", "float32",
+                                     "bfloat16", "sdpa"),
+    # transformers refuses sdpa for Gemma-2: it cannot soft-cap attention logits
+    "gemma2_9b_it": Published("google/gemma-2-9b-it", 9.24, "Gemma2DecoderLayer", "float32", "bfloat16", "eager"),
+}
+
+
+def compose_model(option: str):
+    from hydra import compose, initialize_config_dir
+    from conftest import ROOT
+
+    from dpo_exp.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"model={option}", "paths.output_dir=/tmp/unused"])
+
+
+def test_every_hub_model_option_has_a_published_architecture():
+    """A conf/model option naming a hub model (not the generic `hf`) is listed here and in scripts/memory_table.py,
+    so its size, blocks and memory are known without a download."""
+    import yaml
+    from conftest import ROOT
+
+    from test_memory_table import load_script
+
+    hub_options = {p.stem for p in (ROOT / "conf" / "model").glob("*.yaml") if not p.stem.startswith("_")
+                   and p.stem != "hf" and (yaml.safe_load(p.read_text()) or {}).get("name_or_path")}
+    assert hub_options == set(MODEL_PRESETS) == set(load_script().ARCHITECTURES)
+
+
+@pytest.mark.parametrize("option", sorted(MODEL_PRESETS))
+def test_model_preset_composes_with_its_hub_id_dtypes_and_attention(option):
+    from dpo_exp.config import validate
+
+    cfg = compose_model(option)
+    validate(cfg)
+    published = MODEL_PRESETS[option]
+    assert cfg.model.name == option and cfg.model.name_or_path == published.hub_id
+    assert (cfg.model.policy_dtype, cfg.model.reference_dtype) == (published.policy_dtype, published.reference_dtype)
+    assert cfg.model.attn_implementation == published.attention and cfg.model.block_class == published.block_class
+    assert not cfg.model.architecture  # used only without a hub model; the smoke budget's tiny model merges into it
+
+
+@pytest.mark.parametrize("option", sorted(MODEL_PRESETS))
+def test_model_preset_block_class_attention_and_size_match_the_published_architecture(option):
+    """Built from the published config on the meta device (no download, no memory): block_class is the model's own
+    decoder-layer class (in its modeling module and its _no_split_modules, one per layer), the preset's attention
+    builds (sdpa wherever the model supports it), and the parameter count is the model card's within 1%."""
+    from dpo_exp.models import find_blocks
+    from test_memory_table import load_script
+
+    cfg = compose_model(option)
+    model, config = load_script().meta_model(option, cfg.model.attn_implementation)
+    cls = type(model)
+    block_class = cfg.model.block_class
+    assert isinstance(getattr(sys.modules[cls.__module__], block_class, None), type), (cls.__module__, block_class)
+    assert block_class in cls._no_split_modules
+    assert len(find_blocks(model, block_class)) == config.num_hidden_layers
+    assert model.config._attn_implementation == cfg.model.attn_implementation
+    assert (cfg.model.attn_implementation == "sdpa") == bool(cls._supports_sdpa)
+    params = sum(p.numel() for p in model.parameters())
+    assert params / 1e9 == pytest.approx(MODEL_PRESETS[option].billions, rel=0.01)
+
+
+@pytest.mark.parametrize("option", sorted(MODEL_PRESETS))
+def test_the_smoke_budget_runs_a_model_preset_as_the_tiny_model(smoke_cfg, option):
+    """`model=X debug=smoke` trains the tiny model offline: the preset adds nothing to its architecture (a vocab_size
+    there would clash with the trained tokenizer's in dpo_exp.models.loading.new_model)."""
+    from dpo_exp.config import validate
+
+    cfg = smoke_cfg(f"model={option}")
+    validate(cfg)
+    assert cfg.model.name_or_path is None and cfg.model.architecture == smoke_cfg("model=hf").model.architecture
