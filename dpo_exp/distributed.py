@@ -95,6 +95,22 @@ def init(on_gpu: bool, timeout_minutes: float = 60.0) -> None:
     atexit.register(_shutdown)
 
 
+def init_single_process(on_gpu: bool) -> None:
+    """A process group of this process alone (NCCL on its GPU, else gloo), for FSDP2 on one device
+    (shard(single_process=True)): the sharded path's mixed precision and code on one GPU."""
+    if dist.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as probe:  # a free local port for the group's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    atexit.register(_shutdown)
+
+
 def _shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -232,16 +248,18 @@ def reshard(module: nn.Module) -> None:
         module.reshard()
 
 
-def shard(model: nn.Module, block_class: Optional[str], fsdp_cfg, precision: str) -> nn.Module:
+def shard(model: nn.Module, block_class: Optional[str], fsdp_cfg, precision: str,
+          single_process: bool = False) -> nn.Module:
     """Shard `model` in place with FSDP2 across all ranks: each transformer block (model.block_class, or the
     model's _no_split_modules) is one unit, the root holds the rest (embeddings, final norm, heads).
 
     On GPU with trainer.precision=bf16 (and trainer.fsdp.mixed_precision) parameters are gathered and
     computed in bfloat16 while gradients are reduced in float32; trainer.fsdp.cpu_offload keeps the
     shards, gradients and optimizer state in CPU memory. Gradients are summed over ranks (the loop
-    divides by the global normaliser). One process: the model unchanged.
+    divides by the global normaliser). One process: the model unchanged, unless `single_process` (a group of one,
+    init_single_process).
     """
-    if world_size() == 1:
+    if world_size() == 1 and not (single_process and dist.is_initialized()):
         return model
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 

@@ -17,7 +17,9 @@ precomputed), `bf16` (autocast) and `fastest` (all of them); each against TRL's 
 (TRL_COUNTERPART: TRL 1.16 has no prompt sharing and its padding_free is disabled, so those face its
 fp32 row; its fastest is bf16 autocast with precomputed reference log-probs, without gradient
 checkpointing). --scaling adds a table of step times as max_length grows (128 to 1024) and for a
-long-prompt and a long-response shape.
+long-prompt and a long-response shape. --vocab-table measures instead the large vocabularies of today's model
+families (Llama-3 128,256, Qwen 151,936, Gemma-3 262,144) with ~1,024- and ~2,048-token pairs: peak memory and
+pairs/s of dpo_exp's defaults (chunked LM head), TRL as shipped, and dpo_exp with the whole head at once.
 
 The allocator: dpo_exp's CPU training makes glibc reuse freed memory (trainer.reuse_freed_memory), which any
 PyTorch program could do; TRL as installed does not. --trl-allocator both runs every TRL row twice, as shipped
@@ -59,6 +61,7 @@ Run (from the repository root; a few minutes per row set on 2 CPU cores):
     python scripts/bench_dpo.py --scaling --shapes long-prompt   # one shape of it
     python scripts/bench_dpo.py --layouts --shapes 256,long-prompt,long-response --scaling-steps 10  # layouts A/B
     python scripts/bench_dpo.py --impl dpo_exp                   # without TRL
+    python scripts/bench_dpo.py --vocab-table                    # 128k-262k vocabularies: memory and pairs/s vs TRL
 
 TRL is optional (`pip install -e .[bench]`); without it only the dpo_exp rows run.
 This is a benchmark, not a test: it exits non-zero only if the fp32 losses disagree.
@@ -95,13 +98,19 @@ DPO_EXP_OPTIONS = {
     "pack": {"share_prompt": False, "pack": True},                 # padding-free packing alone
     "share+pack": {"share_prompt": True, "pack": True},
     "fastest": {"share_prompt": True, "pack": True, "precompute": True, "bf16": True},
+    "unchunked": {"logits_chunk_tokens": 0},                       # the defaults with the whole LM head at once
+    # bf16 in each layout (scripts/gpu_check.py)
+    "bf16-padded": {"share_prompt": False, "bf16": True},
+    "bf16-pack": {"share_prompt": False, "pack": True, "bf16": True},
+    "bf16-share+pack": {"share_prompt": True, "pack": True, "bf16": True},
 }
 TRL_OPTIONS = {"fp32": {}, "precompute": {"precompute": True}, "bf16": {"bf16": True},
                "fastest": {"precompute": True, "bf16": True}}       # TRL's fastest: bf16 autocast + precomputed π_ref
 # "<row>+reuse": TRL's row with the allocator setting dpo_exp's CPU training applies (--trl-allocator reuse | both).
 TRL_OPTIONS.update({f"{name}+reuse": {**options, "reuse_freed_memory": True} for name, options in list(TRL_OPTIONS.items())})
 TRL_COUNTERPART = {"padded": "fp32", "fp32": "fp32", "precompute": "precompute", "bf16": "bf16", "pack": "fp32",
-                   "share+pack": "fp32", "fastest": "fastest"}
+                   "share+pack": "fp32", "fastest": "fastest", "unchunked": "fp32", "bf16-padded": "bf16",
+                   "bf16-pack": "bf16", "bf16-share+pack": "bf16"}
 ROW_ORDER = [("dpo_exp", "padded"), ("dpo_exp", "fp32"), ("trl", "fp32"), ("trl", "fp32+reuse"), ("dpo_exp", "precompute"),
              ("trl", "precompute"), ("trl", "precompute+reuse"), ("dpo_exp", "bf16"), ("trl", "bf16"), ("trl", "bf16+reuse"),
              ("dpo_exp", "pack"), ("dpo_exp", "share+pack"), ("dpo_exp", "fastest"), ("trl", "fastest"),
@@ -115,6 +124,13 @@ SHAPES = {  # --shapes name: (label, prompt words, response words (min, max), ma
 }
 ATTENTION = "sdpa"  # both implementations' attention (dpo_exp then shares prompts by default)
 SCALING_ROWS = [("dpo_exp", "padded"), ("dpo_exp", "fp32"), ("dpo_exp", "share+pack"), ("trl", "fp32")]
+# The vocabulary table (--vocab-table): the families' vocabularies at two pair sizes, batch 4 pairs.
+VOCABS = {"llama3": 128_256, "qwen2.5": 151_936, "gemma3": 262_144}
+PAIR_SHAPES = {  # --pair-tokens name: (prompt words, response words (min, max), max_length, max_prompt_length)
+    "1024": (96, (384, 512), 1024, 128),    # ~1,000 tokens a pair (prompt + chosen + rejected)
+    "2048": (192, (768, 1024), 2048, 256),  # ~2,000
+}
+VOCAB_ROWS = [("dpo_exp", "fp32"), ("trl", "fp32"), ("dpo_exp", "unchunked")]
 
 
 # ---- fixture: built once by the parent, loaded by every worker ----------------------------
@@ -186,9 +202,10 @@ def build_fixture(workdir: Path, settings: dict) -> None:
 
     config = LlamaConfig(
         vocab_size=settings["vocab_size"], hidden_size=settings["hidden_size"],
-        intermediate_size=settings["intermediate_size"], num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(512, settings["max_length"]),
-        tie_word_embeddings=False,
+        intermediate_size=settings["intermediate_size"], num_hidden_layers=settings.get("layers", 4),
+        num_attention_heads=settings.get("heads", 4), num_key_value_heads=settings.get("kv_heads", 4),
+        max_position_embeddings=max(512, settings["max_length"]),
+        tie_word_embeddings=settings.get("tie_word_embeddings", False),
         attention_dropout=0.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(settings["seed"])
@@ -278,26 +295,36 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
     from dpo_exp.loggers import RunLogger
     from dpo_exp.loop import Loop, LoopSettings, seed_everything
     from dpo_exp.models import freeze, load_model
+    from dpo_exp.models.logps import set_logits_chunk_tokens
     from dpo_exp.reference import Reference
     from transformers import AutoTokenizer
 
     seed_everything(settings["seed"])
+    set_logits_chunk_tokens(DPO_EXP_OPTIONS[variant].get("logits_chunk_tokens"))  # None: auto, as train.run sets it
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     pairs, _ = tokenize_dataset(tokenizer, load_pairs(workdir / "pairs.jsonl"), settings["max_length"],
                                 settings["max_prompt_length"], keep_prompt_end=True)
     model_dir = str(workdir / "model")
     options = DPO_EXP_OPTIONS[variant]
     precision = "bf16" if options.get("bf16") else "fp32"
-    policy = load_model(model_dir, torch.float32)  # fp32 master weights; bf16 is autocast, as in dpo_exp
+    device, attention = torch.device(settings.get("device", "cpu")), settings.get("attention", ATTENTION)
+    # fp32 master weights; bf16 is autocast, as in dpo_exp
+    policy = load_model(model_dir, torch.float32, attention).to(device)
     policy.train()
-    trainer = TrainerConfig(batch_size=settings["batch_size"], max_steps=settings["steps"], device="cpu",
+    if settings.get("fsdp"):  # FSDP2 on this one process (scripts/gpu_check.py): the sharded path, a mesh of one
+        from dpo_exp import distributed
+        from dpo_exp.config import FSDPConfig
+
+        distributed.init_single_process(device.type == "cuda")
+        policy = distributed.shard(policy, None, FSDPConfig(), precision, single_process=True)
+    trainer = TrainerConfig(batch_size=settings["batch_size"], max_steps=settings["steps"], device=device.type,
                             precision=precision, share_prompt=options.get("share_prompt"),
                             pack=options.get("pack", False))
 
     setup_start = time.perf_counter()
     precompute = options.get("precompute", False)
-    reference = Reference(lambda: freeze(load_model(model_dir, torch.float32)), resident=not precompute,
-                          precision=precision, layout=PairLayout.of(trainer, ATTENTION))
+    reference = Reference(lambda: freeze(load_model(model_dir, torch.float32, attention).to(device)),
+                          resident=not precompute, precision=precision, layout=PairLayout.of(trainer, attention))
     if precompute:  # one pass over all pairs; the reference model is freed afterwards
         reference.precompute("train", pairs, tokenizer.pad_token_id, settings["batch_size"])
     setup_seconds = time.perf_counter() - setup_start
@@ -308,8 +335,8 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
         "trainer": OmegaConf.structured(trainer),
         "optimizer": OmegaConf.structured(OptimizerConfig(name=OptimizerName.adamw, lr=settings["lr"], warmup_steps=0,
                                                           max_grad_norm=settings["max_grad_norm"])),
-        "model": {"attn_implementation": ATTENTION}, "seed": settings["seed"]})
-    res = Resources(cfg, tokenizer, torch.device("cpu"), policy=policy, reference=reference, train_pairs=pairs)
+        "model": {"attn_implementation": attention}, "seed": settings["seed"]})
+    res = Resources(cfg, tokenizer, device, policy=policy, reference=reference, train_pairs=pairs)
     algorithm = algorithm_class("dpo")("dpo", cfg, res)
     loop = Loop(algorithm, LoopSettings(show_progress=False, save_final=False, eval_at_start=False, log_every=10**9,
                                         count_flops=settings["count_flops"]), RunLogger([]), out_dir)
@@ -336,6 +363,7 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
         profiler.__exit__(None, None, None)
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
     return {"losses": losses, "policy_logps": logps, "setup_seconds": setup_seconds, "step_flops": flops,
+            "sharded": type(policy).__name__.startswith("FSDP"),
             **timing(step_ends, start, settings["warmup_steps_excluded"], settings["batch_size"])}
 
 
@@ -393,7 +421,8 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     options = TRL_OPTIONS[variant]
-    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32, attn_implementation=ATTENTION)
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32,
+                                                 attn_implementation=settings.get("attention", ATTENTION))
     out_dir = Path(tempfile.mkdtemp(prefix="trl_run_", dir=workdir))
     args = DPOConfig(
         output_dir=str(out_dir), per_device_train_batch_size=settings["batch_size"], gradient_accumulation_steps=1,
@@ -403,7 +432,8 @@ def run_trl(workdir: Path, settings: dict, variant: str) -> dict:
         bf16=options.get("bf16", False), gradient_checkpointing=False,  # DPOConfig defaults both to True
         precompute_ref_log_probs=options.get("precompute", False), precompute_ref_batch_size=settings["batch_size"],
         train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, report_to="none",
-        save_strategy="no", eval_strategy="no", disable_tqdm=True, use_cpu=True, seed=settings["seed"])
+        save_strategy="no", eval_strategy="no", disable_tqdm=True, use_cpu=settings.get("device", "cpu") == "cpu",
+        seed=settings["seed"])
     timer = StepTimer(settings["count_flops"])
     setup_start = time.perf_counter()  # tokenization (+ reference precompute) happen in the constructor
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -484,6 +514,8 @@ def worker(args: argparse.Namespace) -> None:
     result["tokens_per_second"] = result["pairs_per_second"] * settings["tokens_per_pair"]
     result.update(impl=args.worker, variant=args.variant, peak_rss_bytes=peak_rss_bytes(),
                   threads=torch.get_num_threads())
+    if torch.cuda.is_available() and settings.get("device", "cpu") != "cpu":
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     Path(args.json).write_text(json.dumps(result))
 
 
@@ -689,6 +721,54 @@ def scaling_table(base: dict, impls: list[str], steps: int, shapes: list[str], t
     return out
 
 
+def vocab_table(base: dict, impls: list[str], vocabs: list[str], pair_tokens: list[str], steps: int,
+                unchunked: bool) -> list[dict]:
+    """Peak memory and pairs/s of a DPO step at the families' vocabularies (VOCABS) and pair sizes (PAIR_SHAPES):
+    dpo_exp's defaults (chunked LM head), TRL as shipped and (`unchunked`) dpo_exp with the whole head at once
+    (what chunking saves; ~20 GiB at 262k and 2,048 tokens), each in its own process on one fixture per cell,
+    batch 4 pairs, the first step untimed."""
+    rows = [r for r in VOCAB_ROWS if unchunked or r[1] != "unchunked"]
+    out = []
+    for size in pair_tokens:
+        prompt_words, response_words, max_length, max_prompt_length = PAIR_SHAPES[size]
+        for name in vocabs:
+            settings = {**base, "steps": steps, "pairs": steps * 4, "batch_size": 4, "warmup_steps_excluded": 1,
+                        "vocab_size": VOCABS[name], "prompt_words": prompt_words, "response_words": response_words,
+                        "max_length": max_length, "max_prompt_length": max_prompt_length}
+            workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_vocab_"))
+            try:
+                print(f"vocabulary {VOCABS[name]:,} ({name}), ~{size}-token pairs: building the fixture", flush=True)
+                build_fixture(workdir, settings)
+                row = {"vocab": name, "vocab_size": VOCABS[name], "pair_tokens": size,
+                       "tokens_per_pair": settings["tokens_per_pair"]}
+                for impl, variant in rows:
+                    if impl in impls:
+                        r = spawn(impl, variant, workdir)
+                        row[f"{impl} {variant}"] = {k: r[k] for k in ("pairs_per_second", "peak_rss_bytes", "losses",
+                                                                      "median_seconds_per_step", "cores_busy")}
+                        print(f"  {impl} {variant}: {r['pairs_per_second']:.3f} pairs/s, peak RSS "
+                              f"{r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+                out.append(row)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+    names = [f"{i} {v}" for i, v in rows if i in impls]
+    print(f"\n{'vocabulary':>10} {'tokens/pair':>11} " + " ".join(f"{n + ' pairs/s':>24} {'GiB':>6}" for n in names)
+          + ("  dpo_exp/TRL: speed, memory" if "trl" in impls and "dpo_exp" in impls else ""))
+    for row in out:
+        cells = " ".join(f"{row[n]['pairs_per_second']:>24.3f} {row[n]['peak_rss_bytes'] / 2**30:>6.2f}" for n in names)
+        ratio = ""
+        if "trl fp32" in row and "dpo_exp fp32" in row:
+            ours, theirs = row["dpo_exp fp32"], row["trl fp32"]
+            ratio = (f"  {ours['pairs_per_second'] / theirs['pairs_per_second']:.2f}x, "
+                     f"{ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:.2f}x")
+            row["dpo_exp_over_trl"] = {"speed": ours["pairs_per_second"] / theirs["pairs_per_second"],
+                                       "peak_rss": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
+                                       "max_loss_diff": max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"]))}
+            ratio += f", losses within {row['dpo_exp_over_trl']['max_loss_diff']:.1e}"
+        print(f"{row['vocab_size']:>10,} {row['tokens_per_pair']:>11.0f} {cells}{ratio}")
+    return out
+
+
 LAYOUT_AB = {"padded": {"share_prompt": False}, "shared": {"share_prompt": True},
              "shared+packed": {"share_prompt": True, "pack": True}}
 
@@ -780,6 +860,18 @@ def main() -> None:
                         help="instead of the table: dpo_exp's batch layouts (padded, shared, shared+packed) against each "
                              "other in one process, alternating batch by batch, for the --shapes (--scaling-steps timed "
                              "batches each)")
+    parser.add_argument("--vocab-table", action="store_true",
+                        help="instead of the table: peak memory and pairs/s at Llama-3's, Qwen's and Gemma-3's "
+                             "vocabularies (--vocabs) with ~1,024- and ~2,048-token pairs (--pair-tokens), batch 4, "
+                             "dpo_exp (chunked LM head, and whole) against TRL as shipped")
+    parser.add_argument("--vocabs", default=",".join(VOCABS), help="vocabularies of --vocab-table: " + ", ".join(
+        f"{k} ({v:,})" for k, v in VOCABS.items()))
+    parser.add_argument("--pair-tokens", default=",".join(PAIR_SHAPES), help="pair sizes of --vocab-table: "
+                        + ", ".join(PAIR_SHAPES))
+    parser.add_argument("--vocab-steps", type=int, default=3, help="steps per --vocab-table row (first excluded)")
+    parser.add_argument("--with-unchunked", action="store_true",
+                        help="--vocab-table also runs dpo_exp with the whole LM head at once (needs ~20 GiB at the "
+                             "largest cell)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every row this many times, alternating rows, and keep each row's fastest run "
                              "(use 2-3 on a shared machine)")
@@ -833,6 +925,16 @@ def main() -> None:
     # On SIGTERM, exit normally instead: the running worker is killed by subprocess.run and the
     # fixture folder is removed by the `finally` below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.vocab_table:  # its own fixture per cell
+        unknown = sorted(set(args.vocabs.split(",")) - set(VOCABS)) + sorted(
+            set(args.pair_tokens.split(",")) - set(PAIR_SHAPES))
+        if unknown:
+            raise SystemExit(f"--vocabs / --pair-tokens: unknown {', '.join(unknown)}")
+        result = vocab_table(settings, impls, args.vocabs.split(","), args.pair_tokens.split(","), args.vocab_steps,
+                             args.with_unchunked)
+        if args.json:
+            write_results(args.json, {"settings": settings, "vocab_table": result})
+        return
     if args.layouts:  # its own fixture per shape
         result = layout_ab(settings, shapes, args.scaling_steps)
         if args.json:
