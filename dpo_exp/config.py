@@ -75,6 +75,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
     block_class: Optional[str] = None
+    chat_template: Optional[str] = None  # a dpo_exp.models.templates name or a Jinja file; None: the tokenizer's
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

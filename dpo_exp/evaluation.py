@@ -7,7 +7,8 @@
   such a quantity (PPO) logs no eval/loss and no eval/rewards/*: no stand-in under the same name.
 - Generation on held-out prompts: eval/gold_reward (policy) and eval/gold_reward_ref (π_ref on the same
   prompts); eval/truncated_fraction and eval/truncated_fraction_ref, the fraction of samples that hit
-  the length cap without emitting EOS; and the KL estimate below.
+  the length cap without emitting a stop token (EOS or the chat template's end of turn,
+  `dpo_exp.models.templates.stop_token_ids`); and the KL estimate below.
 
 KL. eval/kl is mean_i Σ_t [log π(y_t|·) − log π_ref(y_t|·)] over y_i ~ π sampled at temperature 1 with
 no top-k / top-p (validate refuses eval.kl with other settings), each response cut at
@@ -73,7 +74,6 @@ class Evaluator:
         self.prompt_ids = [ids for ids in prompts.ids for _ in range(n)]
         self._reference_samples: Optional[Samples] = None
         self._reference_gold: Optional[list[float]] = None
-        self.eos_id = tokenizer.eos_token_id
         self.layout = layout  # of the held-out pairs' batches (trainer.share_prompt, trainer.pack)
 
     def __call__(self, policy, step: int) -> tuple[dict, dict[str, list[list]]]:
@@ -145,7 +145,7 @@ class Evaluator:
         samples = self._sample(policy)
         lengths = torch.tensor([len(r) for r in samples.response_ids], dtype=torch.float)
         metrics = {"eval/response_length": lengths.mean().item(),
-                   "eval/truncated_fraction": truncated_fraction(samples, self.eos_id)}
+                   "eval/truncated_fraction": truncated_fraction(samples)}
         gold = self.gold_reward(self.prompt_texts, samples.texts) if self.gold_reward else None
         if gold is not None:
             metrics["eval/gold_reward"] = sum(gold) / len(gold)
@@ -163,7 +163,7 @@ class Evaluator:
             metrics["eval/kl_stderr"] = (log_ratio.std().item() / math.sqrt(len(log_ratio))
                                          if len(log_ratio) > 1 else float("nan"))
         if self._reference_samples is not None:
-            metrics["eval/truncated_fraction_ref"] = truncated_fraction(self._reference_samples, self.eos_id)
+            metrics["eval/truncated_fraction_ref"] = truncated_fraction(self._reference_samples)
         if self._reference_gold is not None:
             metrics["eval/gold_reward_ref"] = sum(self._reference_gold) / len(self._reference_gold)
         rows = []
@@ -174,7 +174,6 @@ class Evaluator:
         return metrics, rows
 
 
-def truncated_fraction(samples: Samples, eos_id: int) -> float:
-    """Fraction of sampled responses that stopped at the length cap instead of emitting EOS."""
-    cut = [not ids or ids[-1] != eos_id for ids in samples.response_ids]
-    return sum(cut) / len(cut) if cut else 0.0
+def truncated_fraction(samples: Samples) -> float:
+    """Fraction of sampled responses that stopped at the length cap instead of emitting a stop token."""
+    return sum(not ended for ended in samples.ended) / len(samples.ended) if samples.ended else 0.0

@@ -48,7 +48,7 @@ def tiny_lm():
 @pytest.fixture(scope="session")
 def chat_tokenizer():
     """A word-level tokenizer with a small chat template that, like real ones, refuses a
-    conversation opening with an assistant turn."""
+    conversation opening with an assistant turn and closes an assistant turn with EOS (then a newline)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -60,7 +60,8 @@ def chat_tokenizer():
     tokenizer.chat_template = (
         "{% if messages[0]['role'] == 'assistant' %}"
         "{{ raise_exception('a conversation starts with a user or system turn') }}{% endif %}"
-        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+        "{{ eos_token if m['role'] == 'assistant' else '' }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
     return tokenizer
 

@@ -1,7 +1,7 @@
 """The preference layouts other tools keep their data in, written here from those layouts' documentation:
 ShareGPT / LLaMA-Factory, TRL's standard rows with an implicit prompt, Alpaca, any file through a column
-mapping; the layout detected from the first row; chat templates rendering prompts with exactly one EOS after
-each response."""
+mapping; the layout detected from the first row; conversations tokenized as their chat template renders them
+(every model family's template: tests/test_chat_families.py)."""
 import json
 import re
 from pathlib import Path
@@ -36,10 +36,11 @@ SHAREGPT = [  # LLaMA-Factory's preference layout (ranking: true): prompt turns,
 def test_sharegpt_rows_are_rendered_with_the_chat_template(tmp_path, chat_tokenizer):
     result = load("auto", path=str(write_jsonl(tmp_path / "dpo_en_demo.jsonl", SHAREGPT)), tokenizer=chat_tokenizer)
     assert result.layout == "sharegpt" and result.detected and "[sharegpt layout, detected" in result.summary()
-    assert result.pairs[0] == PreferencePair("<|user|>\nhi there\n<|assistant|>\n", "Hello!", "Go.")
-    assert result.pairs[1].prompt == ("<|system|>\nBe kind.\n<|user|>\nhi\n<|assistant|>\nhello\n<|user|>\nthere\n"
-                                      "<|assistant|>\n")  # the system field is kept, first
-    assert result.pairs[2].prompt == ('<|user|>\nweather?\n<|assistant|>\n{"name": "w"}\n<|tool|>\nsunny\n'
+    first = result.pairs[0]
+    assert (first.prompt, first.chosen, first.rejected) == ("<|user|>\nhi there\n<|assistant|>\n", "Hello!", "Go.")
+    assert result.pairs[1].prompt == ("<|system|>\nBe kind.\n<|user|>\nhi\n<|assistant|>\nhello<eos>\n<|user|>\n"
+                                      "there\n<|assistant|>\n")  # the system field is kept, first
+    assert result.pairs[2].prompt == ('<|user|>\nweather?\n<|assistant|>\n{"name": "w"}<eos>\n<|tool|>\nsunny\n'
                                       "<|assistant|>\n")  # function_call is the assistant's, observation a tool turn
     sft = load("sharegpt", path=str(tmp_path / "dpo_en_demo.jsonl"), tokenizer=chat_tokenizer, kind="sft")
     assert [p.chosen for p in sft.pairs] == ["Hello!", "Yes?", "Sunny."]
@@ -128,19 +129,23 @@ def test_detection_tells_the_published_layouts_apart():
     assert detect({"text": "a review"}) == []
 
 
-def test_a_small_template_gives_one_eos_per_response(chat_tokenizer):
-    pair = PreferencePair("<|user|>\nhi\n<|assistant|>\n", "there", "hi hi")
-    tok = tokenize_pair(chat_tokenizer, pair, 0, max_length=32, max_prompt_length=16)
+def test_a_conversations_responses_end_as_its_template_ends_them_with_no_eos_appended(tmp_path, chat_tokenizer):
+    """A conversation's response tokens are the template's, its one EOS included (none is appended); a text pair
+    still gets its EOS at tokenization, as the DPO authors gave it."""
+    pair = load("auto", path=str(write_jsonl(tmp_path / "p.jsonl", SHAREGPT[:1])), tokenizer=chat_tokenizer).pairs[0]
     eos = chat_tokenizer.eos_token_id
-    for response in (tok.chosen_ids, tok.rejected_ids):
-        assert response[-1] == eos and response.count(eos) == 1
+    for tok in (tokenize_pair(chat_tokenizer, pair, 0, max_length=32, max_prompt_length=16),
+                tokenize_pair(chat_tokenizer, PreferencePair(pair.prompt, "there", "hi hi"), 0, 32, 16)):
+        for response in (tok.chosen_ids, tok.rejected_ids):
+            assert response[-1] == eos and response.count(eos) == 1
 
 
 @pytest.mark.skipif(not (SMOLLM2 / "tokenizer_config.json").exists(),
                     reason="SmolLM2-135M-Instruct not fetched (python scripts/fetch_smollm2.py)")
 def test_smollm2s_template_tokenizes_a_pair_as_it_renders_the_whole_conversation(tmp_path):
-    """Prompt + response + EOS is the template's own rendering of the conversation with the assistant's answer,
-    up to its end of turn: the generation prompt opens the answer, the one EOS (<|im_end|>) closes it."""
+    """Prompt + response is token for token the template's own rendering of the conversation with the
+    assistant's answer, as apply_chat_template tokenizes it at inference: the generation prompt opens the answer,
+    and the response runs through the template's end of turn (<|im_end|>) and the newline it writes after it."""
     from dpo_exp.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(SMOLLM2))
@@ -152,8 +157,6 @@ def test_smollm2s_template_tokenizes_a_pair_as_it_renders_the_whole_conversation
     for answer, ids in (("Four.", tok.chosen_ids), ("Five, I think.", tok.rejected_ids)):
         whole = tokenizer.apply_chat_template(
             [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "What is 2+2?"},
-             {"role": "assistant", "content": answer}], tokenize=False)
-        expected = tokenizer(whole, add_special_tokens=True)["input_ids"]
-        end = expected.index(tokenizer.eos_token_id, len(tok.prompt_ids)) + 1  # through the answer's end of turn
-        assert tok.prompt_ids + ids == expected[:end]
-        assert ids.count(tokenizer.eos_token_id) == 1
+             {"role": "assistant", "content": answer}], tokenize=True)["input_ids"]
+        assert tok.prompt_ids + ids == whole
+        assert ids.count(tokenizer.eos_token_id) == 1 and ids[-2] == tokenizer.eos_token_id  # <|im_end|>, "\n"

@@ -391,10 +391,10 @@ def test_chat_rows_rendered_with_chat_template(tmp_path, chat_tokenizer, suffix)
                  load("ultrafeedback", path=str(tmp_path / f"chat{i}.parquet"), tokenizer=chat_tokenizer).pairs]
     else:
         pairs = load("ultrafeedback", path=str(write_jsonl(path, CHAT_ROWS)), tokenizer=chat_tokenizer).pairs
-    assert pairs == [
-        PreferencePair("<|user|>\nWhat is 2+2?\n<|assistant|>\n", "4", "5"),
-        PreferencePair("<|system|>\nBe brief.\n<|user|>\nCapital of France?\n<|assistant|>\n", "Paris.", "Rome."),
-        PreferencePair("<|user|>\nhi there\n<|assistant|>\n", " Hello!", " Go away."),
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [  # the texts; the ids: tests/test_chat_families.py
+        ("<|user|>\nWhat is 2+2?\n<|assistant|>\n", "4", "5"),
+        ("<|system|>\nBe brief.\n<|user|>\nCapital of France?\n<|assistant|>\n", "Paris.", "Rome."),
+        ("<|user|>\nhi there\n<|assistant|>\n", " Hello!", " Go away."),
     ]
 
 

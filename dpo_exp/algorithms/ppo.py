@@ -4,9 +4,10 @@ Follows "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024) and
 PPOTrainer; the maths is in dpo_exp.algorithms.rl:
 
 - Each iteration samples one response per prompt from the policy with the KV cache (pure
-  temperature sampling), responses cut after EOS.
+  temperature sampling), responses cut after their stop token (EOS, or the chat template's end of turn:
+  dpo_exp.models.templates.stop_token_ids).
 - Per-token reward r_t = −β·(log π(y_t) − log π_ref(y_t)) at every response token, plus the
-  score (reward model or gold reward) at the last one. A response that never emitted EOS gets
+  score (reward model or gold reward) at the last one. A response that never emitted a stop token gets
   `missing_eos_penalty` as its score instead (null disables).
 - GAE with γ = 1, λ = 0.95; returns = advantages (before whitening) + values; advantages are
   whitened over the valid tokens of the rollout batch.
@@ -190,7 +191,7 @@ class PPO(Algorithm):
         values = values * mask
         raw_scores = self.score(prompt_texts, prompt_ids, samples.response_ids, samples.texts)
         raw_scores = torch.as_tensor(raw_scores, dtype=torch.float32).to(device).reshape(B)
-        has_eos = torch.tensor([len(r) > 0 and r[-1] == tok.eos_token_id for r in samples.response_ids], device=device)
+        has_eos = torch.tensor(samples.ended, dtype=torch.bool, device=device)  # ended at a stop token
         scores = apply_missing_eos_penalty(raw_scores, has_eos, p.missing_eos_penalty)
         kl_coef = self.kl_ctl.value
         rewards = per_token_rewards(scores, logps, ref_logps, mask, kl_coef)   # (B, R)

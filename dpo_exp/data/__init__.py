@@ -2,6 +2,7 @@
 
 - `examples`: PreferencePair / TokenizedPair, the one tokenization path, the batch layouts
   (left-padded, shared prompt, packed);
+- `chat`: a conversation's tokens as the model reads them at inference, through its chat template;
 - `files`: reading rows from local files and the hub;
 - `formats`: the datasets' formats (hh, shp, tldr, imdb, ultrafeedback, pairs) and row validation.
 """

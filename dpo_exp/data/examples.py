@@ -1,9 +1,10 @@
 """Rows → validated examples → tokenized batches. The one tokenization path of dpo_exp.
 
-Tokenization follows the DPO authors' code: prompt and responses are tokenized
+Tokenization follows the DPO authors' code for text: prompt and responses are tokenized
 separately, EOS is appended to each response, a long prompt is truncated to
 max_prompt_length (keeping its end by default), and responses are cut to fit
-max_length. Only response tokens carry loss.
+max_length. Only response tokens carry loss. Pairs that carry their token ids (sampled
+pairs; conversations rendered by a chat template, `dpo_exp.data.chat`) keep them.
 
 Batches are *left*-padded by default: every sequence ends at the last column, so the
 response tokens of a whole batch sit in its last R columns. Pairs can instead share their
@@ -24,15 +25,18 @@ from typing import Optional, Sequence
 import torch
 
 from dpo_exp.config import MASKED_ATTENTION
+from dpo_exp.data.chat import starts_with_special_token
 
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """A prompt and its responses as text; sampled pairs also keep the exact token ids the model produced.
+    """A prompt and its responses as text, with the exact token ids where text alone does not say them.
 
-    With `chosen_ids` set (sampled pairs), tokenization uses the stored ids as they are: the prompt's ids,
-    and each response's sampled tokens with its EOS only if the model emitted one. Text pairs (datasets)
-    are tokenized, and EOS is appended to each response, as the DPO authors did.
+    With `chosen_ids` set, tokenization uses the stored ids as they are: sampled pairs keep the prompt's ids
+    and each response's sampled tokens (with its end token only if the model emitted one); conversations keep
+    the tokens their chat template gives them (`dpo_exp.data.chat`: the prompt with the generation prompt, each
+    response through the template's end of turn). Text pairs (datasets) are tokenized, and EOS is appended to
+    each response, as the DPO authors did. The texts stay the assistant's plain answers either way.
     """
     prompt: str
     chosen: str
@@ -50,7 +54,7 @@ class PreferencePair:
 class TokenizedPair:
     index: int                 # position in its dataset; keys precomputed reference log-probs
     prompt_ids: list[int]
-    chosen_ids: list[int]      # response tokens, EOS included
+    chosen_ids: list[int]      # response tokens, EOS (a conversation's: the template's end of turn) included
     rejected_ids: list[int]
 
 
@@ -64,8 +68,11 @@ def load_pairs(path: Path) -> list[PreferencePair]:
 
 
 def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
-    """Prompt tokens with the tokenizer's own special tokens (BOS for Llama-style)."""
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    """Prompt tokens as the model reads them: a text that begins with one of the tokenizer's special tokens was
+    written by a chat template (its BOS or a turn marker) and is tokenized as apply_chat_template tokenizes it,
+    with nothing added (no second BOS); any other text gets the tokenizer's own special tokens (BOS for
+    Llama-style tokenizers), as the DPO authors' code gave them."""
+    ids = tokenizer(prompt, add_special_tokens=not starts_with_special_token(tokenizer, prompt))["input_ids"]
     if not ids:  # an empty prompt still needs a token to condition on
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start]
@@ -74,12 +81,13 @@ def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
 
 def tokenize_pair(tokenizer, pair: PreferencePair, index: int, max_length: int, max_prompt_length: int,
                   keep_prompt_end: bool = True) -> TokenizedPair:
-    sampled = pair.chosen_ids is not None  # the exact sampled tokens, never re-tokenized
-    prompt = list(pair.prompt_ids) if sampled and pair.prompt_ids is not None else prompt_token_ids(tokenizer, pair.prompt)
+    stored = pair.chosen_ids is not None  # sampled or template tokens, never re-tokenized
+    prompt = (list(pair.prompt_ids) if stored and pair.prompt_ids is not None
+              else prompt_token_ids(tokenizer, pair.prompt))
     if len(prompt) > max_prompt_length:
         prompt = prompt[-max_prompt_length:] if keep_prompt_end else prompt[:max_prompt_length]
     room = max(max_length - len(prompt), 0)
-    if sampled:  # config validation makes prompt + max_new_tokens fit max_length, so nothing is cut here
+    if stored:  # sampled pairs fit (config validation: prompt + max_new_tokens <= max_length); conversations are cut
         rejected = [] if pair.rejected_ids is None else list(pair.rejected_ids)[:room]
         return TokenizedPair(index, prompt, list(pair.chosen_ids)[:room], rejected)
 

@@ -21,9 +21,10 @@ tokenizer=None, min_score_ratio=None, kind="pairs") -> LoadResult``
     ``-> (kept_pairs, skipped_counts)``: drops pairs whose prompt, truncated as
     `dpo_exp.data.tokenize_pair` truncates it, leaves no room for a response token.
 ``LoadResult(pairs, skipped, source, rows)``; ``LoadResult.summary()`` is one line for logs.
-``DataFileError(ValueError)``: a file that does not parse, a chat row without a chat template, or an
-    invalid row with ``on_invalid="error"``. The message names the file (or hub name and split), the
-    line or row, and the field: ``train.jsonl: line 17: field 'chosen': empty text``.
+``DataFileError(ValueError)``: a file that does not parse, a chat row without a chat template (or with one
+    that cannot give training tokens), or an invalid row with ``on_invalid="error"``. The message names the
+    file (or hub name and split), the line or row, and the field: ``train.jsonl: line 17: field 'chosen': empty
+    text``.
 
 Validation
 ----------
@@ -42,7 +43,8 @@ Reasons (``<field>`` is the column):
 ``no_shared_prefix``       hh: ``rejected`` does not start with the prompt taken from ``chosen``;
                            chat rows: a response's messages do not start with the prompt's
 ``bad_messages:<field>``   chat rows: not a list of ``{role, content}`` messages, not exactly one
-                           assistant message after the prompt, or refused by the chat template
+                           assistant message after the prompt, refused by the chat template, or
+                           not tokenizable as it renders them (`dpo_exp.data.chat`)
 ``bad_value:<field>``      shp ``labels`` not 0/1 or a score not a positive number; tldr
                            ``preferred`` not ``reference``/``ours``
 =========================  ===================================================================
@@ -87,22 +89,30 @@ Formats
     message) or a list of ``{role, content}`` messages, or absent (TRL's implicit prompt: the
     messages ``chosen`` and ``rejected`` share from the start); ``chosen``/``rejected`` a list of
     messages, either the whole conversation (HuggingFaceH4/ultrafeedback_binarized) or only the
-    assistant turn, or a string. The prompt is rendered with
-    ``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``; a
-    response is the content of the one assistant message after the prompt's messages. Chat rows
-    need a tokenizer with a chat template. Note that templates which write the BOS token as text
-    (Llama 3) give a second BOS once `dpo_exp.data.prompt_token_ids` adds special tokens.
+    assistant turn, or a string. A response is the content of the one assistant message after the
+    prompt's messages.
+``sharegpt`` (LLaMA-Factory): ``conversations`` ({from, value} turns), ``chosen`` / ``rejected`` ({from: gpt,
+    value} or text), optional ``system``; ``alpaca``: ``instruction``, optional ``input`` and ``system``,
+    ``chosen`` / ``rejected`` texts (without a chat template: the ``### Instruction:`` text prompt).
 
-Responses are never given EOS here; tokenization appends it (`dpo_exp.data`).
+Conversations (chat rows, ShareGPT, Alpaca with a template) need a tokenizer with a chat template (a chat
+model's, or one set with ``model.chat_template``). Their pairs keep their token ids (`dpo_exp.data.chat`):
+the prompt is ``apply_chat_template(messages, add_generation_prompt=True)`` (also as text, ``pair.prompt``),
+tokenized as at inference, and each response is the template's own tokens after it in the whole
+conversation, through its end of turn, so prompt + response is token for token
+``apply_chat_template(messages + [answer], tokenize=True)``. Text responses are never given EOS here;
+tokenization appends it (`dpo_exp.data`).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from dpo_exp.data.chat import RowRefused, TemplateUnusable, chat_tokens, end_of_turn_id
 from dpo_exp.data.examples import PreferencePair, prompt_token_ids
 from dpo_exp.data.files import DataFileError, json_type, line_numbered, hub_rows, read_rows
 
@@ -110,6 +120,9 @@ __all__ = ["DataFileError", "LoadResult", "NAMES", "HUB_NAMES", "load", "read_ro
            "check_lengths"]
 
 NAMES = ("hh", "shp", "tldr", "imdb", "ultrafeedback", "pairs", "sharegpt", "alpaca")
+# Layouts whose rows may be conversations rendered by a chat template ("auto" may detect any of them): what
+# they give depends on the template (cache keys hold it, dpo_exp.stages).
+CONVERSATIONAL = frozenset({"ultrafeedback", "pairs", "sharegpt", "alpaca", "auto"})
 
 # Where each dataset usually comes from; load() never downloads unless hub_name is given.
 HUB_NAMES = {
@@ -167,6 +180,11 @@ class _Options:
     tokenizer: Any = None
     min_score_ratio: float | None = None
 
+    @functools.cached_property
+    def end_ids(self) -> frozenset:
+        """The tokens that end a response: EOS and the chat template's end of turn (read once per file)."""
+        return frozenset(i for i in (self.tokenizer.eos_token_id, end_of_turn_id(self.tokenizer)) if i is not None)
+
 
 def _require(row: dict, fields: Sequence[str]) -> None:
     for name in fields:
@@ -192,11 +210,12 @@ def _nonempty(text: str, name: str) -> str:
     return text
 
 
-def _pair(prompt: str, chosen: str, rejected: str) -> PreferencePair:
+def _pair(prompt: str, chosen: str, rejected: str, **ids) -> PreferencePair:
+    """A preference pair; `ids`: a conversation's prompt_ids, chosen_ids and rejected_ids."""
     # Compared without surrounding whitespace: " Yes" vs " Yes\n" carries no preference either.
     if chosen.strip() == rejected.strip():
         raise _Invalid("chosen_equals_rejected", "rejected", "identical to 'chosen'")
-    return PreferencePair(prompt, chosen, rejected)
+    return PreferencePair(prompt, chosen, rejected, **ids)
 
 
 Converted = tuple[PreferencePair, "float | None"]  # the example, and a score for SFT selection
@@ -432,29 +451,37 @@ def _chat_pair(row: dict, opts: _Options, names: Sequence[str]) -> Converted:
                            "leading messages")
 
     texts = [_chat_response(responses[name], prompt, name) for name in names]
-    rendered = _render(prompt, opts, "prompt")
-    if opts.kind == "sft":
-        return PreferencePair(rendered, texts[0]), None
-    return _pair(rendered, *texts), None
+    return _conversation(prompt, texts, opts, "prompt"), None
 
 
 def _need_template(opts: _Options, layout: str) -> None:
+    from dpo_exp.models.templates import TEMPLATES  # the named templates a base model can be given
+
     tokenizer = opts.tokenizer
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise _Fatal(f"{layout} rows are conversations: rendering their prompt needs a tokenizer with a chat "
-                     "template (e.g. model=smollm2_135m, or model.tokenizer=<an instruct model>); this one has none")
+    if tokenizer is None:
+        raise _Fatal(f"{layout} rows are conversations: rendering them needs a tokenizer with a chat template, and "
+                     "a model built from a config trains its own on plain text; give one with model.tokenizer=<a "
+                     f"folder or hub name> (and model.chat_template={' | '.join(TEMPLATES)} if it has no template)")
+    if not getattr(tokenizer, "chat_template", None):
+        raise _Fatal(f"{layout} rows are conversations: rendering them needs a tokenizer with a chat template and "
+                     f"this one has none; set one with model.chat_template={' | '.join(TEMPLATES)} (or a Jinja "
+                     "file), or use a chat model (model=smollm2_135m, or model.tokenizer=<an instruct model>)")
 
 
-def _render(messages: list[dict], opts: _Options, field: str) -> str:
-    """The prompt's messages through the tokenizer's chat template, ending with the generation prompt (the
-    assistant turn's opening), so a response is exactly the assistant's text and its EOS (appended once, at
-    tokenization: the template's end-of-turn is never rendered after a response)."""
-    import jinja2  # a dependency of transformers' chat templates
-
+def _conversation(messages: list[dict], texts: list[str], opts: _Options, field: str) -> PreferencePair:
+    """The row as the model reads it at inference: its prompt through the chat template with the generation
+    prompt, each response as the template writes the assistant's answer after it (`dpo_exp.data.chat`); the
+    pair keeps those token ids with its texts. `texts`: chosen (and rejected); `field`: the prompt's column."""
     try:
-        return opts.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except jinja2.TemplateError as err:  # templates raise on e.g. roles out of order
-        raise _Invalid(f"bad_messages:{field}", field, f"refused by the chat template: {err}") from None
+        tokens = chat_tokens(opts.tokenizer, messages, texts, opts.end_ids)
+    except RowRefused as err:
+        raise _Invalid(f"bad_messages:{field}", field, str(err)) from None
+    except TemplateUnusable as err:
+        raise _Fatal(str(err)) from None
+    if opts.kind == "sft":
+        return PreferencePair(tokens.prompt, texts[0], prompt_ids=tokens.prompt_ids, chosen_ids=tokens.answer_ids[0])
+    return _pair(tokens.prompt, *texts, prompt_ids=tokens.prompt_ids, chosen_ids=tokens.answer_ids[0],
+                 rejected_ids=tokens.answer_ids[1])
 
 
 # ShareGPT / LLaMA-Factory roles ("from") as chat-template roles
@@ -507,10 +534,7 @@ def _sharegpt(row: dict, opts: _Options) -> Converted:
         elif not isinstance(value, str):
             raise _Invalid(f"bad_messages:{name}", name, f"expected a {{from, value}} object or text, got {json_type(value)}")
         texts.append(_nonempty(value, name))
-    rendered = _render(messages, opts, "conversations")
-    if opts.kind == "sft":
-        return PreferencePair(rendered, texts[0]), None
-    return _pair(rendered, *texts), None
+    return _conversation(messages, texts, opts, "conversations"), None
 
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -531,10 +555,9 @@ def _alpaca(row: dict, opts: _Options) -> Converted:
     texts = [_text(row, name) for name in names]
     if opts.tokenizer is not None and getattr(opts.tokenizer, "chat_template", None):
         messages = _system_message(row) + [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")}]
-        prompt = _render(messages, opts, "instruction")
-    else:
-        prompt = (ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=extra) if extra
-                  else ALPACA_PROMPT.format(instruction=instruction))
+        return _conversation(messages, texts, opts, "instruction"), None
+    prompt = (ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=extra) if extra
+              else ALPACA_PROMPT.format(instruction=instruction))
     if opts.kind == "sft":
         return PreferencePair(prompt, texts[0]), None
     return _pair(prompt, *texts), None
@@ -720,7 +743,8 @@ def check_lengths(pairs: Sequence[PreferencePair], tokenizer, max_length: int, m
         return list(pairs), {}
     kept, dropped = [], 0
     for pair in pairs:
-        prompt_len = min(len(prompt_token_ids(tokenizer, pair.prompt)), max_prompt_length)
+        ids = pair.prompt_ids if pair.prompt_ids is not None else prompt_token_ids(tokenizer, pair.prompt)
+        prompt_len = min(len(ids), max_prompt_length)
         # keep_prompt_end only chooses which end survives; the length is the same.
         if max_length - prompt_len >= 1:
             kept.append(pair)

@@ -121,14 +121,17 @@ class RewardModelJudge(ScoringJudge):
     @torch.no_grad()
     def scores(self, prompts, responses) -> list[float]:
         from dpo_exp.data import collate_sequences, prompt_token_ids
+        from dpo_exp.data.chat import end_of_turn_id
 
         tok = self.tokenizer
+        end = end_of_turn_id(tok)  # a response ends as the policy's samples do: the template's end of turn, or EOS
+        end = tok.eos_token_id if end is None else end
         out: list[float] = []
         for s in range(0, len(prompts), self.batch_size):
             chunk = list(zip(prompts[s:s + self.batch_size], responses[s:s + self.batch_size]))
-            if self.dpo_exp_model:  # as it was trained: prompt ids, response ids, EOS; scored at the last token
+            if self.dpo_exp_model:  # as it was trained: prompt ids, response ids, its end token, scored there
                 prompt_ids = [prompt_token_ids(tok, p) for p, _ in chunk]
-                response_ids = [(tok.encode(r, add_special_tokens=False) + [tok.eos_token_id])[-self.max_length:]
+                response_ids = [(tok.encode(r, add_special_tokens=False) + [end])[-self.max_length:]
                                 for _, r in chunk]
                 batch = collate_sequences(prompt_ids, response_ids, tok.pad_token_id)
                 out.extend(self.model.score(batch).float().cpu().tolist())

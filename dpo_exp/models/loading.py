@@ -127,6 +127,11 @@ class AdapterDisabled(nn.Module):
         super().__init__()
         self.peft_model = peft_model
 
+    @property
+    def generation_config(self):
+        """The policy's: where its samples stop (dpo_exp.models.templates.stop_token_ids)."""
+        return self.peft_model.generation_config
+
     def forward(self, **kwargs):
         with self.peft_model.disable_adapter():
             return self.peft_model(**kwargs)

@@ -1,4 +1,8 @@
-"""Sampling responses with the KV cache (model.generate) from left-padded prompt batches."""
+"""Sampling responses with the KV cache (model.generate) from left-padded prompt batches.
+
+A response stops at the first of the model's stop tokens (`dpo_exp.models.templates.stop_token_ids`: the generation
+config's EOS ids, the tokenizer's EOS, the chat template's end of turn) and keeps it; `Samples.ended` says which
+responses reached one, the one answer to "did the response end" (PPO's missing-EOS penalty, truncated counts)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,13 +14,15 @@ from transformers import PreTrainedModel
 
 from dpo_exp import distributed
 from dpo_exp.data import collate_sequences
+from dpo_exp.models.templates import stop_token_ids
 
 
 @dataclass
 class Samples:
     prompt_ids: list[list[int]]
-    response_ids: list[list[int]]   # sampled tokens up to and including EOS (if emitted)
+    response_ids: list[list[int]]   # sampled tokens up to and including the first stop token (if emitted)
     texts: list[str]                # decoded responses, special tokens removed, spacing kept exactly
+    ended: list[bool]               # the response ends with a stop token (else it reached max_new_tokens)
 
 
 @torch.no_grad()
@@ -32,6 +38,7 @@ def sample(model: PreTrainedModel, tokenizer, prompt_ids: Sequence[list[int]], m
     device = next(model.parameters()).device
     seed = distributed.sampling_seed()
     synced = distributed.world_size() > 1
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
 
     def generate(prompts: list[list[int]]) -> list[list[int]]:
         responses: list[list[int]] = []
@@ -44,18 +51,17 @@ def sample(model: PreTrainedModel, tokenizer, prompt_ids: Sequence[list[int]], m
             out = model.generate(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, **decoding)
+                eos_token_id=stops, synced_gpus=synced, **decoding)
             for row in out[:, batch["input_ids"].shape[1]:].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[:row.index(tokenizer.eos_token_id) + 1]
-                responses.append(row)
+                end = next((i for i, token in enumerate(row) if token in stops), None)
+                responses.append(row if end is None else row[:end + 1])
         return responses
 
     with _seeded(seed, device):
         responses = distributed.map_shared(prompt_ids, generate)
     model.train(was_training)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return Samples([list(p) for p in prompt_ids], responses, texts)
+    return Samples([list(p) for p in prompt_ids], responses, texts, [bool(r) and r[-1] in stops for r in responses])
 
 
 @contextlib.contextmanager

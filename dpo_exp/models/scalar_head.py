@@ -5,7 +5,7 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -22,13 +22,17 @@ class ScalarHeadModel(nn.Module):
     The backbone's base model (`backbone.base_model`, e.g. LlamaModel) gives the final
     hidden states, so the vocabulary projection is never computed. The head runs in float32.
     `offset` is the reward normalisation: `score` returns raw − offset, so that π_SFT's
-    samples have mean score 0 (N+ details, "reward normalisation").
+    samples have mean score 0 (N+ details, "reward normalisation"). A response's score is read at its end
+    token: the first of `end_ids` (the policy's stop tokens, dpo_exp.models.templates.stop_token_ids) in it,
+    where a sample stops, even when a template writes more after it (Qwen's newline after `<|im_end|>`); else
+    its last token.
 
     Saved in Hugging Face format: `backbone.save_pretrained(folder)` (a loadable causal LM)
-    + `score_head.safetensors` (weight (1, H), bias (1,)) + `scalar_head.json` (offset).
+    + `score_head.safetensors` (weight (1, H), bias (1,)) + `scalar_head.json` (offset, end_ids).
     """
 
-    def __init__(self, backbone: nn.Module, head_init_std: Optional[float] = None, offset: float = 0.0):
+    def __init__(self, backbone: nn.Module, head_init_std: Optional[float] = None, offset: float = 0.0,
+                 end_ids: Sequence[int] = ()):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.get_text_config().hidden_size
@@ -43,6 +47,7 @@ class ScalarHeadModel(nn.Module):
             nn.init.zeros_(self.head.bias)
         self.head.to(device=next(backbone.parameters()).device)
         self.offset = float(offset)
+        self.end_ids = [int(i) for i in end_ids]
 
     @property
     def config(self):
@@ -67,10 +72,24 @@ class ScalarHeadModel(nn.Module):
                     batch["position_ids"].to(device))
 
     def raw_score(self, batch: dict) -> torch.Tensor:
-        """(B,) scalar at each row's last response token = the last column of a left-padded batch."""
+        """(B,) scalar at each row's end token (see the class docstring) of a left-padded batch."""
         if not bool(batch["attention_mask"][:, -1].all()):
             raise ValueError("ScalarHeadModel.score expects left-padded batches (data.collate_sequences)")
-        return self.forward_batch(batch)[:, -1]
+        scalars = self.forward_batch(batch)
+        return scalars.gather(1, self.end_columns(batch).to(scalars.device)[:, None]).squeeze(1)
+
+    def end_columns(self, batch: dict) -> torch.Tensor:
+        """(B,) column of each row's end token: its response's first end id, else the last column."""
+        ids = batch["input_ids"]
+        width = ids.shape[1]
+        last = torch.full((ids.shape[0],), width - 1, dtype=torch.long, device=ids.device)
+        if not self.end_ids or "response_mask" not in batch:
+            return last
+        mask = batch["response_mask"].to(ids.device)                        # (B, R), the last R columns
+        responses = mask.shape[1]
+        ends = torch.isin(ids[:, width - responses:], torch.tensor(self.end_ids, device=ids.device)) & mask
+        first = ends.long().argmax(-1)                                     # the first end token (argmax: first max)
+        return torch.where(ends.any(-1), width - responses + first, last)
 
     def score(self, batch: dict) -> torch.Tensor:
         """(B,) normalised score: raw − offset."""
@@ -92,7 +111,8 @@ class ScalarHeadModel(nn.Module):
         save_file({"weight": weight.detach().float().cpu().contiguous(),
                    "bias": bias.detach().float().cpu().contiguous()}, str(folder / HEAD_FILE))
         (folder / HEAD_CONFIG).write_text(json.dumps(
-            {"offset": self.offset, "hidden_size": self.head.in_features, "format": "dpo_exp.ppo.ScalarHeadModel/1"},
+            {"offset": self.offset, "hidden_size": self.head.in_features, "end_ids": self.end_ids,
+             "format": "dpo_exp.ppo.ScalarHeadModel/1"},
             indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
@@ -108,7 +128,7 @@ class ScalarHeadModel(nn.Module):
         if device is not None:
             backbone.to(device)
         meta = json.loads((folder / HEAD_CONFIG).read_text())
-        model = cls(backbone, head_init_std=0.0, offset=meta["offset"])
+        model = cls(backbone, head_init_std=0.0, offset=meta["offset"], end_ids=meta.get("end_ids", ()))
         state = load_file(str(folder / HEAD_FILE))
         with torch.no_grad():
             model.head.weight.copy_(state["weight"])

@@ -103,13 +103,12 @@ class SentimentTask:
     def _labelled_pairs(self, policy, tokenizer, prompts: list[str]) -> tuple[list[PreferencePair], int]:
         """Every pair of a prompt's samples, chosen by the gold reward; pairs keep the exact sampled tokens.
 
-        A sample that reached max_new_tokens without EOS is dropped before pairing with
+        A sample that reached max_new_tokens without a stop token (EOS) is dropped before pairing with
         task.truncated_samples=drop (the default; the count is returned) or kept, without an EOS, with keep.
         """
         t = self.cfg.task
         g = t.generation
         n = t.samples_per_prompt
-        eos = tokenizer.eos_token_id
         ids = [prompt_token_ids(tokenizer, p) for p in prompts for _ in range(n)]
         samples = sample(policy, tokenizer, ids, g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.batch_size)
         rewards = self.gold_reward([p for p in prompts for _ in range(n)], samples.texts)  # the stored tokens' text
@@ -119,7 +118,7 @@ class SentimentTask:
             group = []
             for j in range(i * n, (i + 1) * n):
                 response = samples.response_ids[j]
-                if drop and (not response or response[-1] != eos):
+                if drop and not samples.ended[j]:
                     cut += 1
                     continue
                 group.append((response, samples.texts[j], rewards[j]))
