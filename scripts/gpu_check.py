@@ -3,7 +3,7 @@ through dpo_exp's own training path in each layout, and TRL's DPOTrainer on the 
 
 Rows (each in a fresh process, scripts/bench_dpo.py's workers, one fixture):
 - dpo_exp padded / shared prompt / shared + packed: bf16 autocast over float32 master weights, the chunked LM head
-  (auto chunk: 441 positions at this 151,936-token vocabulary), sdpa attention;
+  (auto chunk: 110 positions at this 151,936-token vocabulary), sdpa attention;
 - dpo_exp packed with FlashAttention-2 (one padding-free row, its variable-length kernel) when flash_attn imports;
 - dpo_exp shared prompt under FSDP2 on this one process (a group of one: MixedPrecisionPolicy bf16 parameters,
   float32 gradient reduction; the multi-GPU code path on one GPU);

@@ -27,7 +27,7 @@ and each variant (full fine-tuning; with gradient checkpointing; LoRA r=16; FSDP
   its recompute;
 - logits: the LM head's float32 logits at their peak, 2 x rows x vocab x 4 bytes (the logits and, in backward,
   their softmax). Log-probs go through the head trainer.logits_chunk_tokens kept positions at a time
-  (dpo_exp.models.logps.chunk_size; null: auto, at most 256 MiB of float32 logits per chunk), and a chunk's
+  (dpo_exp.models.logps.chunk_size; null: auto, at most 64 MiB of float32 logits per chunk), and a chunk's
   logits are recomputed in backward, so rows = one chunk when the micro-batch keeps more positions than that;
   unchunked (trainer.logits_chunk_tokens=0, the --unchunked columns) rows = every kept position.
 

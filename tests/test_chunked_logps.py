@@ -189,8 +189,8 @@ def test_no_kept_tokens_by_vocabulary_tensor_exists_in_forward_or_backward():
 
 def test_the_chunk_size_follows_the_vocabulary_unless_set():
     set_logits_chunk_tokens(None)
-    assert chunk_size(8192) == 8192 and chunk_size(128_256) == 523 and chunk_size(262_144) == 256
-    assert chunk_size(10_000_000) == 64 and chunk_size(128_256, 1024) == 1024 and chunk_size(128_256, 0) == 0
+    assert chunk_size(8192) == 2048 and chunk_size(128_256) == 130 and chunk_size(262_144) == 64
+    assert chunk_size(1_000_000) == 64 and chunk_size(128_256, 1024) == 1024 and chunk_size(128_256, 0) == 0
     try:
         set_logits_chunk_tokens(100)
         assert chunk_size(128_256) == 100
@@ -200,4 +200,4 @@ def test_the_chunk_size_follows_the_vocabulary_unless_set():
         set_logits_chunk_tokens(None)
     with pytest.raises(ConfigError, match="logits_chunk_tokens"):
         set_logits_chunk_tokens(-1)
-    assert math.isclose(chunk_size(151_936) * 151_936 * 4 / 2 ** 20, 256, rel_tol=0.01)
+    assert math.isclose(chunk_size(151_936) * 151_936 * 4 / 2 ** 20, 64, rel_tol=0.01)

@@ -50,9 +50,9 @@ def test_sharding_divides_the_states_and_the_batch_and_lora_drops_the_reference(
 # ---- the LM head's logits: one chunk of trainer.logits_chunk_tokens rows, not every kept position ----
 
 @pytest.mark.parametrize("kept, vocab, chunk, expected", [
-    (128 * 256, 128256, 523, 536_623_104),        # Llama-3.1, auto chunk 2**26 // 128,256 = 523 rows: 2 x 523 x V x 4 B
+    (128 * 256, 128256, 130, 133_386_240),        # Llama-3.1, auto chunk 2**24 // 128,256 = 130 rows: 2 x 130 x V x 4 B
     (128 * 256, 128256, 0, 33_621_540_864),       # chunking off: all 32,768 kept positions, 2 x 32,768 x V x 4 B
-    (128 * 256, 256000, 262, 536_576_000),        # Gemma-2, auto chunk 2**26 // 256,000 = 262 rows
+    (128 * 256, 256000, 65, 133_120_000),         # Gemma-2, auto chunk 2**24 // 256,000 = 65 rows
     (100, 50257, 1335, 40_205_600),               # fewer kept positions than a chunk: all 100 at once
     (523, 128256, 523, 536_623_104),              # exactly one chunk
 ])
@@ -62,11 +62,11 @@ def test_logits_term_by_hand(kept, vocab, chunk, expected):
 
 def test_a_chat_model_row_holds_one_chunk_of_logits_and_shows_the_unchunked_figure():
     # paper_hh on Llama-3.1-8B: 64 pairs = 128 sequences on 1 GPU, 16 on 8; 512 tokens with prompts of at most
-    # 256, so 256 kept positions per sequence; auto chunk 523 rows of a 128,256-token vocabulary
+    # 256, so 256 kept positions per sequence; auto chunk 130 rows of a 128,256-token vocabulary
     rows = {(r["GPUs"], r["variant"]): r for r in load_script().rows_for("paper_hh:llama3_1_8b_instruct", [1, 8])}
     one, eight = rows[(1, "full")], rows[(8, "full")]
     assert one["model"] == "llama3_1_8b_instruct" and one["preset"] == "paper_hh"
-    assert one["logits"] == eight["logits"] == pytest.approx(0.536623104)
+    assert one["logits"] == eight["logits"] == pytest.approx(0.13338624)
     assert one["logits unchunked"] == pytest.approx(33.621540864)
     assert eight["logits unchunked"] == pytest.approx(33.621540864 / 8)
     for row in (one, eight):
