@@ -89,11 +89,14 @@ def latest(checkpoints: Path) -> Optional[Path]:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """'key: saved -> current' for every flattened config key that differs and matters for resuming."""
+    """'key: saved -> current' for every flattened config key that differs and matters for resuming. A key one side
+    lacks and the other holds as null is no difference: a newer dpo_exp added it, and null is what ran before."""
     a, b = _flatten(saved), _flatten(current)
     out = []
     for key in sorted(set(a) | set(b)):
         if any(key == p or key.startswith(p) for p in RESUMABLE_CHANGES if p.endswith(".")) or key in RESUMABLE_CHANGES:
+            continue
+        if a.get(key) is None and b.get(key) is None:
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

@@ -263,3 +263,18 @@ def test_a_resumed_run_continues_the_same_wandb_run(smoke_cfg, monkeypatch):
     run_files = sorted(glob.glob(str(Path(cfg.paths.output_dir) / "wandb" / "offline-run-*" / "run-*.wandb")))
     ids = {r.run.run_id for f in run_files for r in read_wandb_records(f) if r.WhichOneof("record_type") == "run"}
     assert len(run_files) == 2 and ids == {(Path(cfg.paths.output_dir) / "wandb_run_id").read_text()}
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_when_the_key_is_null():
+    """A newer dpo_exp adds config keys (model.chat_template, trainer.logits_chunk_tokens): a run saved before them
+    resumes while they are null (what ran then), and is refused when one is set to something that changes results."""
+    from dpo_exp.checkpoint import config_differences
+
+    saved = {"model": {"name": "tiny_llama"}, "loss": {"beta": 0.1}}
+    current = {"model": {"name": "tiny_llama", "chat_template": None}, "loss": {"beta": 0.1},
+               "trainer": {"logits_chunk_tokens": 512}}
+    assert config_differences(saved, current) == []  # the chunk is memory, not results (RESUMABLE_CHANGES)
+    current["model"]["chat_template"] = "chatml"
+    assert config_differences(saved, current) == ["model.chat_template: '<absent>' -> 'chatml'"]
+    current["loss"]["beta"] = 0.5
+    assert "loss.beta: 0.1 -> 0.5" in config_differences(saved, current)
