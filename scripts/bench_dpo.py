@@ -339,7 +339,9 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
     res = Resources(cfg, tokenizer, device, policy=policy, reference=reference, train_pairs=pairs)
     algorithm = algorithm_class("dpo")("dpo", cfg, res)
     loop = Loop(algorithm, LoopSettings(show_progress=False, save_final=False, eval_at_start=False, log_every=10**9,
-                                        count_flops=settings["count_flops"]), RunLogger([]), out_dir)
+                                        count_flops=settings["count_flops"],
+                                        reuse_freed_memory=options.get("reuse_freed_memory", True)),
+                RunLogger([]), out_dir)
     plan = json.loads((workdir / "plan.json").read_text())
     if algorithm.plan != plan:
         raise RuntimeError("the algorithm's batch plan differs from the plan given to TRL; the loss comparison would be void")
@@ -745,7 +747,9 @@ def vocab_table(base: dict, impls: list[str], vocabs: list[str], pair_tokens: li
                     if impl in impls:
                         r = spawn(impl, variant, workdir)
                         row[f"{impl} {variant}"] = {k: r[k] for k in ("pairs_per_second", "peak_rss_bytes", "losses",
-                                                                      "median_seconds_per_step", "cores_busy")}
+                                                                      "policy_logps", "median_seconds_per_step",
+                                                                      "cores_busy", "tokenization_mismatches")
+                                                    if k in r}
                         print(f"  {impl} {variant}: {r['pairs_per_second']:.3f} pairs/s, peak RSS "
                               f"{r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
                 out.append(row)
@@ -763,8 +767,12 @@ def vocab_table(base: dict, impls: list[str], vocabs: list[str], pair_tokens: li
                      f"{ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:.2f}x")
             row["dpo_exp_over_trl"] = {"speed": ours["pairs_per_second"] / theirs["pairs_per_second"],
                                        "peak_rss": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
-                                       "max_loss_diff": max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"]))}
-            ratio += f", losses within {row['dpo_exp_over_trl']['max_loss_diff']:.1e}"
+                                       **compare_losses(ours, theirs)}
+            cmp = row["dpo_exp_over_trl"]
+            ratio += (f", losses within {cmp['max_abs_diff']:.1e}, step-1 log-probs within "
+                      f"{cmp['step1_logps_max_rel_diff']:.1e} (rel.)"
+                      + (f", {theirs['tokenization_mismatches']} pairs tokenized differently"
+                         if theirs.get("tokenization_mismatches") else ""))
         print(f"{row['vocab_size']:>10,} {row['tokens_per_pair']:>11.0f} {cells}{ratio}")
     return out
 
