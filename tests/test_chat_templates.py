@@ -186,6 +186,7 @@ def test_a_sharegpt_file_trains_a_gpt2_style_tokenizer_with_chatml_through_the_c
             "model.chat_template=chatml", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["train_pairs"] > 0 and summary["steps"] == 4
+    assert not list(run.glob("*.log"))  # log records go to the console: no empty Hydra log file in the run folder
     check_export(run / "checkpoints" / "final", TEMPLATES["chatml"].jinja, "<|im_end|>")
     check_export(Path(summary["sft_policy"]), TEMPLATES["chatml"].jinja, "<|im_end|>")  # π_SFT's folder too
     samples = read_jsonl(run / "samples.jsonl")
