@@ -399,3 +399,11 @@ def test_the_on_invalid_error_example_is_what_the_code_prints():
     with pytest.raises(formats.DataFileError) as info:
         formats.load("ultrafeedback", path=str(path), on_invalid="error")
     assert str(info.value).endswith(quoted.group(1))
+
+
+def test_documented_commands_write_into_outputs_never_over_committed_files():
+    """A README command run as documented (at any budget) must not replace a committed file such as the measured
+    figures in docs/: everything a command writes (-o, --out, --json) goes under outputs/."""
+    written = [(c, c.argv[i + 1]) for c in readme_commands() for i, w in enumerate(c.argv[:-1]) if w in OUTPUT_FLAGS]
+    assert written, "no README command names an output; the check would be empty"
+    assert [f"{c}: writes {path}" for c, path in written if not path.startswith("outputs/")] == []
