@@ -407,3 +407,21 @@ def test_documented_commands_write_into_outputs_never_over_committed_files():
     written = [(c, c.argv[i + 1]) for c in readme_commands() for i, w in enumerate(c.argv[:-1]) if w in OUTPUT_FLAGS]
     assert written, "no README command names an output; the check would be empty"
     assert [f"{c}: writes {path}" for c, path in written if not path.startswith("outputs/")] == []
+
+
+def test_the_documented_reward_model_users_reuse_the_documented_reward_model():
+    """The README says one cached reward model serves PPO and online DPO: the commands that train on a reward model
+    (outside presets) must name the reward-model command's settings, or each would train a reward model of its own."""
+    def uses_reward_model(args: list[str]) -> bool:
+        if any(a.startswith("experiment=") for a in args):
+            return False
+        return ("loss=reward_model" in args or ("loss=ppo" in args and "ppo.reward=gold" not in args)
+                or ("loss=online_dpo" in args and "online_dpo.annotator=gold" not in args))
+
+    settings = {}
+    for command in TRAIN:
+        args = train_overrides(command)[0]
+        if uses_reward_model(args):
+            settings[str(command)] = sorted(a for a in args if a.startswith("reward_model."))
+    assert len(settings) >= 3, settings
+    assert len({tuple(s) for s in settings.values()}) == 1, settings
