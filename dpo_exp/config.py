@@ -356,17 +356,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
     if not OmegaConf.has_resolver("dpo_exp.run_dir"):
         OmegaConf.register_new_resolver("dpo_exp.run_dir", run_dir_name, use_cache=True)
-    if not OmegaConf.has_resolver("dpo_exp.unless_given"):
-        OmegaConf.register_new_resolver("dpo_exp.unless_given", unless_given)
-
-
-def unless_given(name_or_path: Optional[str], built: Any, given: Any = None) -> Any:
-    """`built` for a model built from a config (model.name_or_path null), else `given` (default: the folder or hub
-    name's last part): debug=smoke builds its tiny model unless a model is named on the command line, and the
-    recorded config then names what ran, not the tiny model."""
-    value = built if name_or_path is None else (
-        str(name_or_path).rstrip("/").rsplit("/", 1)[-1] if given is None else given)
-    return OmegaConf.create(value) if isinstance(value, dict) else value  # a config node, as the yaml dict was
 
 
 def run_dir_name(run_name: Optional[str], experiment_name: str) -> str:
