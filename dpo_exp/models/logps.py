@@ -95,7 +95,7 @@ def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0
             with torch.no_grad():  # a diagnostic: H(π_T) = logsumexp(l) − Σ softmax(l)·l
                 row_entropy = torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)
     if not token_logps.requires_grad:  # no backward will free the gathered root's weights (distributed.shard)
-        distributed.reshard(getattr(model, "peft_model", model))
+        distributed.reshard(unwrapped(model))
     lengths = batch["lengths"].to(device)
     logps = torch.zeros(lengths.shape[0], dtype=token_logps.dtype, device=device).index_add(0, sequence, token_logps)
     result = SequenceLogps(logps, lengths)
@@ -168,16 +168,21 @@ def chunk_size(vocab_size: int, tokens: Optional[int] = None) -> int:
     return max(64, CHUNK_BYTES // (4 * vocab_size)) if vocab_size else 0
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself; for π_ref as AdapterDisabled, the LoRA policy whose base weights it runs."""
+    return getattr(model, "peft_model", model)
+
+
 def model_config(model: torch.nn.Module):
-    """The transformers config of a model, also of π_ref as AdapterDisabled (the LoRA policy's base)."""
-    return getattr(model, "config", None) or getattr(getattr(model, "peft_model", None), "config", None)
+    """The transformers config of a model, also of π_ref as AdapterDisabled."""
+    return getattr(unwrapped(model), "config", None)
 
 
 def chunkable_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
     """The model's LM head when the chunked path can compute it from its weight: a plain nn.Linear (tied or not).
     None for a head it cannot (a LoRA-adapted or quantized head, a model without get_output_embeddings); those
     take the model's own logits."""
-    inner = getattr(model, "peft_model", model)  # AdapterDisabled: the policy's shared base weights
+    inner = unwrapped(model)
     getter = getattr(inner, "get_output_embeddings", None)
     head = getter() if getter is not None else None
     return head if type(head) is torch.nn.Linear else None
