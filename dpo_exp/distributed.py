@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dpo_exp.metrics import MetricSums
 
 _alone = 0  # > 0 inside `alone()`: this rank works as a single process
 
@@ -85,8 +86,6 @@ def adopt_submitit_environment() -> None:
 def init(on_gpu: bool, timeout_minutes: float = 60.0) -> None:
     """Join the process group torchrun (or the SLURM launcher) describes: NCCL with one GPU per rank when the
     run trains on GPUs, else gloo. Nothing for a single process."""
-    from dpo_exp.models.loading import launched_world_size
-
     if launched_world_size() <= 1 or dist.is_initialized():
         return
     if on_gpu:
@@ -215,15 +214,11 @@ def shared_batches(n: int, batch_size: int) -> list[tuple[list[int], bool]]:
     return [(batch, True) if batch else ([0], False) for batch, _ in out]
 
 
-def merge_sums(parts: Sequence[dict]) -> dict[str, list[float]]:
-    """{key: [total, count]} of every rank added up."""
-    out: dict[str, list[float]] = {}
-    for part in parts:
-        for key, (total, count) in part.items():
-            acc = out.setdefault(key, [0.0, 0.0])
-            acc[0] += total
-            acc[1] += count
-    return out
+def reduce_metrics(sums: MetricSums) -> MetricSums:
+    """Every rank's (sum, count) metrics added up in rank order, on every rank; `sums` itself for one process."""
+    if world_size() == 1:
+        return sums
+    return MetricSums.total(gather_objects(sums))
 
 
 def sampling_seed() -> Optional[int]:
@@ -262,8 +257,6 @@ def shard(model: nn.Module, block_class: Optional[str], fsdp_cfg, precision: str
     if world_size() == 1 and not (single_process and dist.is_initialized()):
         return model
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    from dpo_exp.models import find_blocks
 
     kwargs: dict = {"reshard_after_forward": fsdp_cfg.reshard_after_forward}
     if precision == "bf16" and fsdp_cfg.mixed_precision and torch.cuda.is_available():
@@ -330,3 +323,26 @@ def save_pretrained(model: nn.Module, folder, **kwargs) -> None:
         data = json.loads(config.read_text())
         data["architectures"] = [a.removeprefix("FSDP") for a in data.get("architectures") or []]
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE as torchrun (or the SLURM launcher) set it, before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def find_blocks(model: nn.Module, block_class: str | None) -> list[nn.Module]:
+    """The transformer blocks of `model`: modules of class `block_class` (model.block_class), or of
+    the model's own `_no_split_modules` when it is null. These are the units FSDP shards.
+
+    Raises ValueError naming the classes the model does have when none match, so a misspelt
+    block_class fails when the model is built, not when sharding starts.
+    """
+    inner = getattr(model, "get_base_model", lambda: model)()  # a peft model: the wrapped transformer
+    names = {block_class} if block_class else set(getattr(inner, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        classes = sorted({type(m).__name__ for m in model.modules() if "Layer" in type(m).__name__
+                          or "Block" in type(m).__name__})
+        raise ValueError(f"model.block_class={block_class!r} matches no module of {type(inner).__name__}; "
+                         f"its layer classes are {classes or 'unknown'} (null: use the model's _no_split_modules)")
+    return blocks

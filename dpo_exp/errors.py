@@ -1,5 +1,7 @@
 """Expected failures end a command with one message a person can read, not a stack trace.
 
+This module is a leaf: every other module may import it.
+
 A bad data file, a config that composes but cannot run, a model folder or hub model that cannot be loaded,
 an objective the run did not produce: each is raised as a `ConfigError` or `DataFileError` whose message
 says what is wrong, where, and what to change. `readable_errors` around a command's body prints that message
@@ -16,8 +18,14 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
-from dpo_exp.config import ConfigError
-from dpo_exp.data.files import DataFileError
+
+class ConfigError(ValueError):
+    """A config that composes but cannot run; the message says what to change."""
+
+
+class DataFileError(ValueError):
+    """A file that does not parse, or an invalid row under on_invalid="error"."""
+
 
 EXPECTED = (ConfigError, DataFileError)
 EXIT_CODE = 2

@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from dpo_exp import distributed
-from dpo_exp.algorithms.base import mean_metric
-from dpo_exp.models import PairLogps
+from dpo_exp.algorithms.scorers import GoldReward, GoldScorer
 from dpo_exp.data import PADDED, PairLayout, TokenizedPair, collate_pairs
-from dpo_exp.models import Samples, autocast, logps_of_samples, sample, sequence_logps
+from dpo_exp.metrics import MetricSums, mean_metric
+from dpo_exp.models import PairLogps, Samples, autocast, logps_of_samples, sample, sequence_logps
 from dpo_exp.reference import Reference
-
-GoldReward = Callable[[Sequence[str], Sequence[str]], list[float]]  # (prompts, responses) -> rewards
 
 EVAL_TABLE = "eval/samples"
 TABLE_COLUMNS = ("step", "prompt", "policy", "policy_gold_reward", "reference", "reference_gold_reward")
@@ -63,7 +61,7 @@ class Evaluator:
         self.reference = reference
         self.pairs = list(pairs)
         self.tokenizer = tokenizer
-        self.gold_reward = gold_reward
+        self.gold = GoldScorer(gold_reward) if gold_reward is not None else None
         self.generation = generation
         self.cfg = eval_cfg
         self.batch_size = batch_size
@@ -94,7 +92,7 @@ class Evaluator:
         use_ref = self.reference is not None
         if use_ref and not self.reference.has_table("eval"):
             self.reference.precompute("eval", self.pairs, self.tokenizer.pad_token_id, self.batch_size)
-        values: dict[str, list[float]] = {}  # [total, count]; under torchrun each rank sums its share of the pairs
+        sums = MetricSums()  # under torchrun each rank sums its share of the pairs
         for rows, real in distributed.shared_batches(len(self.pairs), self.batch_size):
             batch = collate_pairs([self.pairs[i] for i in rows], self.tokenizer.pad_token_id, layout=self.layout)
             with autocast(device, self.precision):
@@ -111,13 +109,8 @@ class Evaluator:
             if out is not None:
                 pair_metrics["loss"] = (out.loss.sum().item(), self.algorithm.normaliser(batch).item())
                 pair_metrics.update(out.metrics)
-            for key, (total, count) in pair_metrics.items():
-                acc = values.setdefault(key, [0.0, 0.0])
-                acc[0] += float(total)
-                acc[1] += count
-        if distributed.world_size() > 1:
-            values = distributed.merge_sums(distributed.gather_objects(values))
-        return {f"eval/{k}": total / count for k, (total, count) in values.items() if count}
+            sums.merge(pair_metrics)
+        return {f"eval/{name}": value for name, value in distributed.reduce_metrics(sums).means().items()}
 
     def _sample(self, model, temperature: Optional[float] = None) -> Samples:
         g = self.generation
@@ -132,9 +125,8 @@ class Evaluator:
         for t in self.cfg.temperatures:
             samples = self._sample(policy, t)
             rows = [[step, t, p, r] for p, r in zip(self.prompt_texts, samples.texts)]
-            if self.gold_reward:
-                gold = self.gold_reward(self.prompt_texts, samples.texts)
-                metrics[f"eval/gold_reward/T={t:g}"] = sum(gold) / len(gold)
+            if self.gold is not None:
+                metrics[f"eval/gold_reward/T={t:g}"] = mean(self.gold.scores(self.prompt_texts, samples.texts))
             tables[f"eval/samples/T={t:g}"] = rows
         return metrics, tables
 
@@ -146,9 +138,9 @@ class Evaluator:
         lengths = torch.tensor([len(r) for r in samples.response_ids], dtype=torch.float)
         metrics = {"eval/response_length": lengths.mean().item(),
                    "eval/truncated_fraction": truncated_fraction(samples)}
-        gold = self.gold_reward(self.prompt_texts, samples.texts) if self.gold_reward else None
+        gold = self.gold.scores(self.prompt_texts, samples.texts) if self.gold is not None else None
         if gold is not None:
-            metrics["eval/gold_reward"] = sum(gold) / len(gold)
+            metrics["eval/gold_reward"] = mean(gold)
         if self.reference is not None and self.cfg.kl:
             pad = self.tokenizer.pad_token_id
             policy_logps = logps_of_samples(policy, samples, pad, self.batch_size)
@@ -156,8 +148,8 @@ class Evaluator:
                 ref_logps = logps_of_samples(ref_model, samples, pad, self.batch_size)
                 if self._reference_samples is None:  # π_ref is fixed: sample it once
                     self._reference_samples = self._sample(ref_model)
-                    if self.gold_reward:
-                        self._reference_gold = self.gold_reward(self.prompt_texts, self._reference_samples.texts)
+                    if self.gold is not None:
+                        self._reference_gold = self.gold.scores(self.prompt_texts, self._reference_samples.texts)
             log_ratio = policy_logps - ref_logps  # (N,) sequence-level log π/π_ref of y ~ π
             metrics["eval/kl"] = log_ratio.mean().item()
             metrics["eval/kl_stderr"] = (log_ratio.std().item() / math.sqrt(len(log_ratio))
@@ -165,13 +157,17 @@ class Evaluator:
         if self._reference_samples is not None:
             metrics["eval/truncated_fraction_ref"] = truncated_fraction(self._reference_samples)
         if self._reference_gold is not None:
-            metrics["eval/gold_reward_ref"] = sum(self._reference_gold) / len(self._reference_gold)
+            metrics["eval/gold_reward_ref"] = mean(self._reference_gold)
         rows = []
         for i in range(min(self.cfg.table_rows, len(samples.texts))):
             ref_text = self._reference_samples.texts[i] if self._reference_samples else None
             rows.append([step, self.prompt_texts[i], samples.texts[i], gold[i] if gold else None, ref_text,
                          self._reference_gold[i] if self._reference_gold else None])
         return metrics, rows
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def truncated_fraction(samples: Samples) -> float:

@@ -31,9 +31,11 @@ from torch.utils.flop_counter import flop_registry
 
 from dpo_exp.algorithms.base import Algorithm, Experience
 from dpo_exp import checkpoint, distributed
-from dpo_exp.config import ConfigError, OptimizerConfig, OptimizerName, Schedule
+from dpo_exp.config import OptimizerConfig, OptimizerName, Schedule
+from dpo_exp.errors import ConfigError
 from dpo_exp.evaluation import EVAL_TABLE, SWEEP_COLUMNS, TABLE_COLUMNS
 from dpo_exp.loggers import RunLogger, console, progress
+from dpo_exp.metrics import MetricSums
 
 Evaluate = Callable[[Any, int], tuple[dict, dict]]  # (model, step) -> (metrics, tables)
 
@@ -52,13 +54,39 @@ class LoopSettings:
     resume: bool = False              # continue from the newest complete checkpoint in output_dir/checkpoints
     max_skipped_steps: int = 10       # optimizer steps skipped for a non-finite loss or grad norm before stopping
     show_progress: bool = True        # progress bar with ETA
-    count_flops: bool = False         # count executed FLOPs (FlopCount); costs ~15% of a small model's step
+    count_flops: bool = False         # count executed FLOPs (FlopCount); slows every step, hence off by default
     reuse_freed_memory: bool = True   # training on the CPU: reuse_freed_memory() before the first step
 
     @classmethod
-    def from_trainer(cls, trainer_cfg, **overrides) -> "LoopSettings":
-        names = {f.name for f in fields(cls)}
-        values = {name: getattr(trainer_cfg, name) for name in names if hasattr(trainer_cfg, name)}
+    def from_trainer(cls, trainer, **overrides) -> "LoopSettings":
+        """The settings of a trainer section (TrainerConfig), every field read from its own trainer key, then
+        `overrides` (an algorithm's loop_overrides, a cached stage's cadence). A trainer without one of the keys,
+        or a field that no key sets, is an error: a renamed key must not fall back to a default unnoticed."""
+        def key(name: str) -> Any:
+            try:
+                return getattr(trainer, name)
+            except AttributeError:  # omegaconf's missing-key error is one too
+                raise ConfigError(f"the trainer section has no key {name!r}, which the training loop reads") from None
+
+        values = dict(
+            grad_accumulation_steps=key("grad_accumulation_steps"),
+            micro_batch_tokens=key("micro_batch_tokens"),
+            eval_every=key("eval_every"),
+            eval_at_start=key("eval_at_start"),
+            log_every=key("log_every"),
+            save_every=key("save_every"),
+            save_final=key("save_final"),
+            keep_checkpoints=key("keep_checkpoints"),
+            resume=key("resume"),
+            max_skipped_steps=key("max_skipped_steps"),
+            show_progress=key("show_progress"),
+            count_flops=key("count_flops"),
+            reuse_freed_memory=key("reuse_freed_memory"),
+        )
+        unset = [f.name for f in fields(cls) if f.name not in values]
+        if unset:
+            raise TypeError(f"LoopSettings.from_trainer sets no value for {', '.join(unset)}: read each from its "
+                            "trainer key there")
         return cls(**{**values, **overrides})
 
 
@@ -67,9 +95,8 @@ def reuse_freed_memory() -> bool:
 
     By default every allocation above 32 MB (a step's logits, activations, their gradients) is a fresh mmap, and
     the kernel zero-fills each of its pages at first touch: on the CPU that page faulting, not arithmetic, is most
-    of an elementwise op's time (a 1600x8192 float32 copy: 14.6 ms, 2.2 ms with reuse; the benchmark's fp32 step, one
-    run each: 1.25x faster, peak RSS unchanged). Process-wide and permanent: the process then keeps its peak heap, which is
-    what a training process holds anyway. Returns whether it took effect (False off glibc, e.g. macOS).
+    of an elementwise op's time. Process-wide and permanent: the process then keeps its peak heap, which is what a
+    training process holds anyway. Returns whether it took effect (False off glibc, e.g. macOS).
     """
     import ctypes
     import ctypes.util
@@ -91,8 +118,8 @@ class FlopCount(TorchDispatchMode):
     """The FLOPs of the ops a block executes, as dispatched (matmuls, convolutions and attention, by torch's own
     FLOP formulas, `torch.utils.flop_counter.flop_registry`), so measured rather than estimated from parameter
     counts. The total only: torch's FlopCounterMode also attributes FLOPs to modules through hooks on every module
-    call (another ~8% of a small model's step on CPU); this gives its totals (tests/test_layout.py). Dispatching
-    every op through Python still costs 12-28% of that step, hence trainer.count_flops is off by default."""
+    call, which costs more; this gives its totals (tests/test_layout.py). Dispatching every op through Python still
+    slows each step, hence trainer.count_flops is off by default."""
 
     def __init__(self):
         super().__init__()
@@ -270,14 +297,15 @@ class Loop:
         self._window_counts = [0, 0, 0.0]    # examples, tokens, seconds
 
     # ---- one optimizer step -----------------------------------------------------------------
-    def optimizer_step(self, step_batch) -> Optional[dict[str, tuple[float, float]]]:
+    def optimizer_step(self, step_batch) -> Optional[MetricSums]:
         """Forward and backward over the micro-batches of one step, then clip and step every model. A step whose
         loss or gradient norm is not finite updates nothing and returns None (counted in self.skipped)."""
         algo = self.algorithm
         micro = self.micro_batches(step_batch)
         mine = sum((algo.normaliser(m) for m, real in micro if real), torch.tensor(0.0))
         normaliser = distributed.reduce_sum(mine)  # of the whole step, over every rank
-        sums: dict[str, list[float]] = {"loss": [0.0, 1.0]}  # [total, count]; the step's loss is one value per step
+        sums = MetricSums()
+        sums.add("loss", 0.0, 1.0)  # the step's loss is one value per step: its micro-batches' shares add up
         for i, (batch, real) in enumerate(micro):
             for model in self.trained:  # sharded models reduce gradients once per step, after its last micro-batch
                 distributed.set_gradient_sync(model.module, i == len(micro) - 1)
@@ -287,14 +315,11 @@ class Loop:
                 continue
             loss = out.loss / normaliser.to(out.loss.device)
             loss.backward()
-            sums["loss"][0] += loss.item()
-            for key, (total, count) in out.metrics.items():
-                acc = sums.setdefault(key, [0.0, 0.0])
-                acc[0] += float(total)
-                acc[1] += count
+            sums.add("loss", loss.item(), 0.0)
+            sums.merge(out.metrics)
         if distributed.world_size() > 1:
-            sums = distributed.merge_sums(distributed.gather_objects(sums))
-            sums["loss"][1] = 1.0  # each rank's share is already divided by the global normaliser
+            sums = distributed.reduce_metrics(sums)
+            sums.set_count("loss", 1.0)  # each rank's share is already divided by the global normaliser
         norms = {model.metric_name("grad_norm"): model.clip() for model in self.trained}  # before clipping
         bad = next(((name, value) for name, value in [("loss", sums["loss"][0]), *norms.items()]
                     if not math.isfinite(value)), None)
@@ -304,9 +329,9 @@ class Loop:
             self.skipped.append({"step": self.step + 1, "metric": f"{self.label}/{bad[0]}", "value": str(bad[1])})
             return None
         for model in self.trained:
-            sums[model.metric_name("grad_norm")] = [norms[model.metric_name("grad_norm")], 1.0]
-            sums[model.metric_name("learning_rate")] = [model.step(), 1.0]
-        return {k: (v[0], v[1]) for k, v in sums.items()}
+            sums.add(model.metric_name("grad_norm"), norms[model.metric_name("grad_norm")], 1.0)
+            sums.add(model.metric_name("learning_rate"), model.step(), 1.0)
+        return sums
 
     def micro_batches(self, step_batch) -> list[tuple[Any, bool]]:
         """This rank's micro-batches of one step, each with whether it holds rows. One process: the step cut into
@@ -336,18 +361,17 @@ class Loop:
         self.flops += counter.get_total_flops()
         experience_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        sums: dict[str, list[float]] = {}
+        sums = MetricSums()
         with count_flops(self.settings.count_flops) as counter:
             for step_batch in experience.steps:
-                for key, (total, count) in (self.optimizer_step(step_batch) or {}).items():
-                    acc = sums.setdefault(key, [0.0, 0.0])
-                    acc[0] += total
-                    acc[1] += count
+                step_sums = self.optimizer_step(step_batch)
+                if step_sums is not None:  # None: a skipped step
+                    sums.merge(step_sums)
         self.flops += counter.get_total_flops()
         update_seconds = time.perf_counter() - started
         if distributed.world_size() > 1:  # every rank counted its own work; the run's cost is the sum
             self.flops = flops_before + distributed.reduce_floats([self.flops - flops_before])[0]
-        metrics = {key: total / count for key, (total, count) in sums.items() if count}
+        metrics = sums.means()
         metrics.update(experience.metrics)
         if self.algorithm.needs(self.algorithm.cfg).rollouts:
             metrics["rollout_seconds"] = experience_seconds

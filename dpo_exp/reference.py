@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from dpo_exp import distributed
-from dpo_exp.data import PADDED, PairLayout, TokenizedPair, collate_pairs
+from dpo_exp.data import PADDED, Batch, PairLayout, TokenizedPair, collate_pairs
 from dpo_exp.models import PairLogps, SequenceLogps, autocast, sequence_logps
 
 
@@ -99,19 +99,17 @@ class Reference:
         return torch.tensor([c for c, _ in values]), torch.tensor([r for _, r in values])
 
     @torch.no_grad()
-    def pair_logps(self, batch: dict, with_rejected: bool, table: Optional[str] = None) -> PairLogps:
+    def pair_logps(self, batch: Batch, with_rejected: bool, table: Optional[str] = None) -> PairLogps:
         """Reference log-probs of a collated batch: from the table `table` if precomputed, else a forward pass."""
         if table in self._tables:
             chosen, rejected = self._tables[table]
-            idx = batch["index"]
-            b = idx.shape[0]
-            lengths = batch["lengths"]
+            idx, b, lengths = batch.index, batch.pairs, batch.lengths
             return PairLogps(chosen[idx], rejected[idx] if with_rejected else None, lengths[:b],
                              lengths[b:] if with_rejected else None)
         with self.model() as model:
             return self._forward(model, batch, with_rejected)
 
-    def _forward(self, model: PreTrainedModel, batch: dict, with_rejected: bool = True) -> PairLogps:
+    def _forward(self, model: PreTrainedModel, batch: Batch, with_rejected: bool = True) -> PairLogps:
         device = next(model.parameters()).device
         with autocast(device, self.precision):
             seq: SequenceLogps = sequence_logps(model, batch)

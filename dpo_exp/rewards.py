@@ -6,7 +6,13 @@ text (prompt + response), as the DPO paper's sentiment classifier scored the rev
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
+
+from dpo_exp.registry import Registry
+
+GoldRewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+# task.gold_reward=NAME selects one.
+GOLD_REWARDS: Registry[GoldRewardFn] = Registry("gold reward", "task.gold_reward")
 
 
 @lru_cache(maxsize=1)
@@ -16,18 +22,13 @@ def _vader():
     return SentimentIntensityAnalyzer()
 
 
+@GOLD_REWARDS.register("vader")
 def vader_positivity(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
     """VADER's compound sentiment mapped to [0, 1]: (compound + 1) / 2; 1 is most positive."""
     analyzer = _vader()
     return [(analyzer.polarity_scores(p + r)["compound"] + 1) / 2 for p, r in zip(prompts, responses)]
 
 
-GOLD_REWARDS = {"vader": vader_positivity}
-
-
-def gold_reward(name: str | None):
-    if name is None:
-        return None
-    if name not in GOLD_REWARDS:
-        raise ValueError(f"unknown gold reward {name!r}; known: {', '.join(GOLD_REWARDS)}")
-    return GOLD_REWARDS[name]
+def gold_reward(name: str | None) -> GoldRewardFn | None:
+    """The registered gold reward task.gold_reward names (None: the task has none)."""
+    return None if name is None else GOLD_REWARDS[name]

@@ -15,11 +15,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dpo_exp import distributed
-from dpo_exp.algorithms import Resources, algorithm_class
+from dpo_exp.algorithms import ALGORITHMS, Resources
 from dpo_exp.algorithms.reward_model import RewardModelEvaluator, normalise_reward_model
 from dpo_exp.cache import cache_key, get_or_build
 from dpo_exp.data import PreferencePair, load_pairs, prompt_token_ids, save_pairs, tokenize_dataset
-from dpo_exp.data.formats import CONVERSATIONAL
+from dpo_exp.data.formats import conversational
 from dpo_exp.loggers import FileSink, RunLogger, console
 from dpo_exp.loop import Loop, LoopSettings, count_flops, seed_everything
 from dpo_exp.models import (ScalarHeadModel, load_model, load_tokenizer, new_model, resolve_device, stop_token_ids,
@@ -74,7 +74,7 @@ def sft_key(cfg) -> dict:
 
 def _conversational(data) -> bool:
     """The data's layout may hold conversations (what it gives then depends on the chat template)."""
-    return (data.format or data.name) in CONVERSATIONAL
+    return conversational(data.format or data.name)
 
 
 def tokenizer_source(cfg, sft_dir: str) -> str:
@@ -168,7 +168,7 @@ def train_sft(cfg, task, out: Path) -> None:
     examples, _ = tokenize_dataset(tokenizer, task.sft_examples(tokenizer), s.max_length,  # room for a response token:
                                    min(cfg.data.max_prompt_length, s.max_length - 1), task.keep_prompt_end)  # none dropped
     stage = stage_config(cfg, "sft", s.optimizer, batch_size=s.batch_size, epochs=s.epochs, max_steps=s.max_steps)
-    algorithm = algorithm_class("sft")("sft", stage, Resources(stage, tokenizer, device, policy=model,
+    algorithm = ALGORITHMS["sft"]("sft", stage, Resources(stage, tokenizer, device, policy=model,
                                                                train_pairs=examples))
     settings = LoopSettings.from_trainer(stage.trainer, log_every=10, save_final=False, eval_at_start=False,
                                          save_every=None, resume=False)  # a cache stage is rebuilt whole
@@ -249,7 +249,7 @@ def reward_model_dir(cfg, prep) -> Path:
         model = ScalarHeadModel(backbone, end_ids=stop_token_ids(tok, backbone.generation_config))
         model = distributed.shard_as_configured(model, cfg)
         stage = stage_config(cfg, "reward_model", r.optimizer, batch_size=r.batch_size, epochs=r.epochs, max_steps=None)
-        algorithm = algorithm_class("reward_model")("reward_model", stage,
+        algorithm = ALGORITHMS["reward_model"]("reward_model", stage,
                                                     Resources(stage, tok, device, reward_model=model,
                                                               train_pairs=prep.train_tok))
         precision = str(cfg.trainer.precision)
@@ -286,7 +286,7 @@ def stages_paid(needs) -> list[str]:
 
 def stage_costs(cfg, prep) -> dict:
     """FLOPs and seconds of the cached stages this run relies on (paid once, shared by the runs that reuse them)."""
-    from dpo_exp.config import algorithm_of
+    from dpo_exp.validation import algorithm_of
 
     costs = {}
     stages = [("sft", Path(cfg.paths.cache_dir) / "sft" / cache_key(sft_key(cfg))),

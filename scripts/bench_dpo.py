@@ -289,8 +289,9 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
 
     from omegaconf import OmegaConf
 
-    from dpo_exp.algorithms import Resources, algorithm_class
-    from dpo_exp.config import LossConfig, OptimizerConfig, OptimizerName, TrainerConfig
+    from dpo_exp.algorithms import ALGORITHMS, Resources
+    from dpo_exp.algorithms.preference import PreferenceLossConfig
+    from dpo_exp.config import OptimizerConfig, OptimizerName, TrainerConfig
     from dpo_exp.data import PairLayout, load_pairs, tokenize_dataset
     from dpo_exp.loggers import RunLogger
     from dpo_exp.loop import Loop, LoopSettings, seed_everything
@@ -331,13 +332,13 @@ def run_dpo_exp(workdir: Path, settings: dict, variant: str) -> dict:
 
     out_dir = Path(tempfile.mkdtemp(prefix="dpo_exp_run_", dir=workdir))  # removed with the fixture
     cfg = OmegaConf.create({
-        "loss": OmegaConf.structured(LossConfig(name="dpo", beta=settings["beta"])),
+        "loss": OmegaConf.structured(PreferenceLossConfig(name="dpo", beta=settings["beta"])),
         "trainer": OmegaConf.structured(trainer),
         "optimizer": OmegaConf.structured(OptimizerConfig(name=OptimizerName.adamw, lr=settings["lr"], warmup_steps=0,
                                                           max_grad_norm=settings["max_grad_norm"])),
         "model": {"attn_implementation": attention}, "seed": settings["seed"]})
     res = Resources(cfg, tokenizer, device, policy=policy, reference=reference, train_pairs=pairs)
-    algorithm = algorithm_class("dpo")("dpo", cfg, res)
+    algorithm = ALGORITHMS["dpo"]("dpo", cfg, res)
     loop = Loop(algorithm, LoopSettings(show_progress=False, save_final=False, eval_at_start=False, log_every=10**9,
                                         count_flops=settings["count_flops"],
                                         reuse_freed_memory=options.get("reuse_freed_memory", True)),

@@ -106,7 +106,7 @@ def compose(preset: str, overrides=()):
     """The config of a row: EXPERIMENT, or EXPERIMENT:MODEL (that experiment's settings on conf/model/MODEL.yaml)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from dpo_exp.config import register_configs
+    from dpo_exp.components import register_configs
 
     experiment, _, model = preset.partition(":")
     register_configs()

@@ -78,7 +78,7 @@ def smoke_cfg(tmp_path, shared_cache):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from dpo_exp.config import register_configs
+    from dpo_exp.components import register_configs
 
     register_configs()
 
@@ -128,24 +128,29 @@ def read_wandb_records(path):
 
 def make_cfg(overrides=None):
     """The typed schema with its defaults plus `overrides` (nested dicts): for tests that build
-    an algorithm and a loop directly, without a task or a model on disk."""
+    an algorithm and a loop directly, without a task or a model on disk. The loss section is the selected
+    algorithm's own schema (overrides["loss"]["name"], default dpo), the task the preference task's."""
     from omegaconf import OmegaConf
 
-    from dpo_exp.config import Config, DataConfig, LossConfig, ModelConfig, OptimizerConfig, TaskConfig
+    from dpo_exp.algorithms import ALGORITHMS
+    from dpo_exp.config import Config, DataConfig, ModelConfig, OptimizerConfig, TaskConfig
 
+    name = str(((overrides or {}).get("loss") or {}).get("name", "dpo"))
+    loss = ALGORITHMS.entry(name).config or ALGORITHMS.entry("sft").config
     base = OmegaConf.structured(Config(model=ModelConfig(name="test"), data=DataConfig(name="test"),
-                                       task=TaskConfig(name="test"), loss=LossConfig(), optimizer=OptimizerConfig()))
+                                       task=TaskConfig(name="preference"), loss=loss(name=name),
+                                       optimizer=OptimizerConfig()))
     base.trainer.show_progress = False
     return OmegaConf.merge(base, overrides or {})
 
 
 def build_loop(cfg, res, sinks=(), output_dir="/tmp/dpo_exp_test_unused", evaluate=None, **settings):
     """The algorithm cfg.loss.name selects, on `res` (dpo_exp.algorithms.Resources), in the shared loop."""
-    from dpo_exp.algorithms import algorithm_class
+    from dpo_exp.algorithms import ALGORITHMS
     from dpo_exp.loggers import RunLogger
     from dpo_exp.loop import Loop, LoopSettings
 
-    cls = algorithm_class(cfg.loss.name)
+    cls = ALGORITHMS[cfg.loss.name]
     algorithm = cls(cfg.loss.name, cfg, res)
     loop_settings = LoopSettings.from_trainer(cfg.trainer, **{**cls.loop_overrides(cfg), **settings})
     return Loop(algorithm, loop_settings, RunLogger(list(sinks)), output_dir, evaluate=evaluate)
@@ -175,7 +180,7 @@ def compose_judging(*overrides: str):
     """conf/judging.yaml (python -m dpo_exp.judge) composed with `overrides`."""
     from hydra import compose, initialize_config_dir
 
-    from dpo_exp.judging.config import register_judging_configs
+    from dpo_exp.components import register_configs as register_judging_configs
 
     register_judging_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

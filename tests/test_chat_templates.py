@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT, read_jsonl, run_cli
 from families import BASE_FAMILIES, CONVERSATIONS, LAYOUTS, assert_tokens_as_at_inference, family
-from dpo_exp.config import ConfigError
+from dpo_exp.errors import ConfigError
 from dpo_exp.data.chat import end_of_turn_id
 from dpo_exp.data.formats import DataFileError, load
 from dpo_exp.models import templates

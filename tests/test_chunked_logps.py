@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dpo_exp.config import ConfigError, LoraConfig
+from dpo_exp.config import LoraConfig
+from dpo_exp.errors import ConfigError
 from dpo_exp.data import PairLayout, TokenizedPair, collate_pairs
 from dpo_exp.models import AdapterDisabled, apply_lora, sequence_logps
 from dpo_exp.models.logps import ChunkedHeadLogps, HeadMath, chunk_size, chunkable_head, set_logits_chunk_tokens
@@ -47,7 +48,7 @@ def test_every_layout_gives_the_unchunked_log_probs_entropies_and_gradients(arch
     between the two targets of the prompt's last position."""
     model = tiny_model(arch, "sdpa")
     batch = collate_pairs(PAIRS, 0, True, LAYOUTS[name])
-    assert int(batch["lengths"].sum()) > 3 * 5
+    assert int(batch.lengths.sum()) > 3 * 5
     assert_same(logps_and_grads(model, batch, 0, temperature), logps_and_grads(model, batch, 3, temperature))
 
 
@@ -55,7 +56,7 @@ def test_one_chunk_or_more_never_changes_the_result_and_eager_attention_agrees()
     model = tiny_model("llama", "eager")
     batch = collate_pairs(PAIRS, 0, True, LAYOUTS["shared"])
     whole = logps_and_grads(model, batch, 0)
-    for chunk in (1, 7, int(batch["keep"].sum()) - 1):
+    for chunk in (1, 7, int(batch.keep.sum()) - 1):
         assert_same(whole, logps_and_grads(model, batch, chunk))
 
 
@@ -177,7 +178,7 @@ def test_no_kept_tokens_by_vocabulary_tensor_exists_in_forward_or_backward():
                            torch.randint(3, vocab, (30,), generator=g).tolist() + [2],
                            torch.randint(3, vocab, (25,), generator=g).tolist() + [2]) for i in range(4)]
     batch = collate_pairs(pairs, 0, True, LAYOUTS["shared"])
-    kept = int(batch["keep"].sum())
+    kept = int(batch.keep.sum())
     for chunk, bound in ((8, 8 * vocab), (0, kept * vocab)):
         with LargestTensor() as seen:
             sequence_logps(model, batch, chunk_tokens=chunk).logps.sum().backward()

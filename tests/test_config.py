@@ -11,7 +11,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import assert_valid_hub_ids, compose_judging, hub_values
-from dpo_exp.config import ConfigError, register_configs, validate
+from dpo_exp.components import register_configs
+from dpo_exp.validation import validate
+from dpo_exp.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
@@ -110,21 +112,21 @@ def test_flash_attention_packs_with_prompts_shared_by_default_off():
 
 
 def test_an_unknown_algorithm_name_lists_the_registered_ones():
-    from dpo_exp.algorithms import REGISTRY
+    from dpo_exp.algorithms import ALGORITHMS
 
     with pytest.raises(ConfigError, match="unknown algorithm loss.name='dop'; registered: ") as info:
         validate(compose_cfg(["loss.name=dop"]))
-    assert all(name in str(info.value) for name in REGISTRY)
+    assert all(name in str(info.value) for name in ALGORITHMS)
     with pytest.raises(ConfigCompositionException, match="dop") as info:  # loss=dop: Hydra names the options
         compose_cfg(["loss=dop"])
     assert "online_dpo" in str(info.value) + str(info.value.__cause__)
 
 
 def test_every_registered_algorithm_has_a_loss_option_and_vice_versa():
-    from dpo_exp.algorithms import REGISTRY
+    from dpo_exp.algorithms import ALGORITHMS
 
     options = {p.stem for p in (CONF / "loss").glob("*.yaml") if not p.stem.startswith("_")}
-    assert options == set(REGISTRY)
+    assert options == set(ALGORITHMS)
     for name in options:  # each yaml selects the algorithm of its own name
         assert compose_cfg([f"loss={name}"]).loss.name == name
 
@@ -183,7 +185,7 @@ def test_the_glued_comment_check_sees_a_glued_comment(tmp_path):
 # ---- closed schemas: `+key=value` is refused like `key=value` --------------------------------------
 
 @pytest.mark.parametrize("override, schema, key", [
-    ("loss.betta=0.5", "LossConfig", "loss.betta"),
+    ("loss.betta=0.5", "PreferenceLossConfig", "loss.betta"),
     ("model.lora.rr=3", "LoraConfig", "model.lora.rr"),
     ("trainer.max_stepz=3", "TrainerConfig", "trainer.max_stepz"),
 ])
@@ -206,18 +208,20 @@ def test_plus_typos_fail_on_the_command_line_before_anything_runs(tmp_path, caps
     with pytest.raises(AssertionError, match="exited with 2"):  # an expected error: one message, no traceback
         run_cli("+loss.betta=0.5", "debug=smoke", f"paths.root_dir={tmp_path}")
     err = capsys.readouterr().err
-    assert "Key 'betta' not in 'LossConfig'" in err and "Traceback" not in err
+    assert "Key 'betta' not in 'PreferenceLossConfig'" in err and "Traceback" not in err
     assert not (tmp_path / "outputs" / "cache").exists()  # nothing was trained
     with pytest.raises(ConfigError, match="Key 'foo' not in 'Config'"):
         validate(compose_cfg(["+foo=1"]))
     validate(compose_cfg(["+model.architecture.rope_theta=10000.0"]))  # a free-form section stays open
 
 
-def test_every_field_a_layout_reads_can_be_renamed_in_config():
-    """data.columns is typed (typos fail at composition): its fields are the ones the file layouts read."""
-    from dataclasses import fields
+def test_every_field_a_layout_reads_can_be_renamed_in_config_and_a_misspelt_one_fails_before_anything_loads():
+    """data.columns takes the fields the registered layouts read (a user's layout adds its own)."""
+    from dpo_exp.data.formats import LAYOUTS, fields
 
-    from dpo_exp.config import ColumnsConfig
-    from dpo_exp.data.formats import FIELDS
-
-    assert {f.name for f in fields(ColumnsConfig)} == FIELDS
+    every = sorted({f for _, layout in LAYOUTS.items() for f in layout.fields})
+    assert every == sorted(fields()) and {"prompt", "chosen", "rejected", "conversations", "history"} <= set(every)
+    validate(compose_cfg([f"+data.columns.{field}=column_{i}" for i, field in enumerate(every)]))
+    with pytest.raises(ConfigError, match=r"data.columns.promt=question: promt is not a field any layout reads "
+                                          r"\(did you mean data.columns.prompt\?\)"):
+        validate(compose_cfg(["+data.columns.promt=question"]))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import ROOT, read_jsonl, read_wandb_records
-from dpo_exp import train as train_module
-from dpo_exp.config import ConfigError
-from dpo_exp.algorithms import REGISTRY
+from dpo_exp import pipeline, train as train_module
+from dpo_exp.errors import ConfigError
+from dpo_exp.algorithms import ALGORITHMS
 
 TRAIN_KEYS = {"train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
               "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected", "train/grad_norm",
@@ -72,7 +72,7 @@ def test_the_same_seed_repeats_the_run_exactly(smoke_cfg, tmp_path):
     assert rows[0] == rows[1]
 
 
-TRAINED_BY_NAME = sorted(name for name, cls in REGISTRY.items() if not getattr(cls, "cached", False))
+TRAINED_BY_NAME = sorted(name for name, cls in ALGORITHMS.items() if not getattr(cls, "cached", False))
 
 
 def _weights(folder):
@@ -86,13 +86,13 @@ def test_every_algorithm_trains_by_name_and_lowers_its_loss(smoke_cfg, loss, mon
     """Every registered algorithm (every DPO-family loss, SFT, PPO, online DPO) trains through the CLI
     config: its weights move, its training objective falls, and π_ref is held only when declared."""
     resident_flags = []
-    real_init = train_module.Reference.__init__
+    real_init = pipeline.Reference.__init__
 
     def spy(self, load, resident, *args, **kwargs):
         resident_flags.append(resident)
         real_init(self, load, resident, *args, **kwargs)
 
-    monkeypatch.setattr(train_module.Reference, "__init__", spy)
+    monkeypatch.setattr(pipeline.Reference, "__init__", spy)
     cfg = smoke_cfg(f"loss={loss}", "trainer.max_steps=16", "ppo.total_iterations=8", "optimizer.lr=3e-3",
                     "optimizer.warmup_steps=0", "ppo.lr=3e-3", "ppo.reward=gold",
                     "trainer.eval_every=100", "ppo.eval_every=100", "reference.precompute=false",  # resident if needed
@@ -101,7 +101,7 @@ def test_every_algorithm_trains_by_name_and_lowers_its_loss(smoke_cfg, loss, mon
                     *(["data.vocab_size=1024", "sft.max_steps=120", "ppo.max_new_tokens=48"] if loss == "ppo" else []))
     summary = train_module.run(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    needs = REGISTRY[loss].needs(cfg)
+    needs = ALGORITHMS[loss].needs(cfg)
     assert resident_flags == [needs.reference]  # no reference held while training when none is needed
     assert "eval/kl" in summary  # still measured the same way: π_ref is loaded for evaluation only
     before, after = _weights(summary["sft_policy"]), _weights(run_dir / "checkpoints" / "final")
@@ -116,7 +116,7 @@ def test_every_algorithm_trains_by_name_and_lowers_its_loss(smoke_cfg, loss, mon
     first, last = sum(values[:third]) / third, sum(values[-third:]) / third
     assert last < first, (loss, values)
     # one name, one computation: the implicit reward exists only where the algorithm has one (at its own β)
-    implicit_reward = REGISTRY[loss].family in ("dpo-family", "online-dpo")
+    implicit_reward = ALGORITHMS[loss].family in ("dpo-family", "online-dpo")
     assert any(k.startswith("eval/rewards/") for k in summary) == implicit_reward, sorted(summary)
     assert ("eval/loss" in summary) == (loss != "ppo")  # PPO has no loss on held-out pairs
     assert {"eval/log_ratio_accuracy", "eval/logps/chosen", "eval/truncated_fraction",
@@ -239,7 +239,7 @@ def test_reward_model_then_ppo_and_online_dpo_reuse_one_cached_reward_model(smok
                     "trainer.count_flops=true")
     summary = train_module.run(cfg)
     lines = printed_summary(capsys)  # PPO: the gold reward and KL of its samples, no implicit-reward stand-in
-    assert f"{REGISTRY['ppo'].label(cfg)} (loss=ppo)" in lines[0]
+    assert f"{ALGORITHMS['ppo'].label(cfg)} (loss=ppo)" in lines[0]
     assert f"gold reward  pi_ref (pi_SFT): {summary['eval/gold_reward_ref']:.4f}   policy: " \
            f"{summary['eval/gold_reward']:.4f}" in lines
     assert any(line.startswith(f"KL(pi||pi_ref): {summary['eval/kl']:.4f} +- ") for line in lines)

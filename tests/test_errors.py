@@ -121,6 +121,6 @@ def test_the_full_traceback_on_request_and_for_unexpected_errors(capsys, tmp_pat
     assert loud.returncode == 1 and "Traceback" in loud.stderr and "ConfigError" in loud.stderr
 
     # a bug, not a user's mistake (patched where `python -m dpo_exp.train`, run anew, imports it from)
-    monkeypatch.setattr("dpo_exp.tasks.build_task", lambda cfg: 1 / 0)
+    monkeypatch.setattr("dpo_exp.pipeline.build_task", lambda cfg: 1 / 0)
     code, err = failing(capsys, "debug=smoke", f"hydra.run.dir={tmp_path / 'bug'}")
     assert code == 1 and "ZeroDivisionError" in err and "Traceback" in err

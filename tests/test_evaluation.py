@@ -80,7 +80,7 @@ def test_evaluation_prompts_and_held_out_pair_prompts_are_never_training_prompts
     from omegaconf import OmegaConf
 
     from conftest import ROOT, SHARED_DATA
-    from dpo_exp.config import register_configs
+    from dpo_exp.components import register_configs
     from dpo_exp.models import load_tokenizer
     from dpo_exp.tasks import build_task
 
@@ -133,7 +133,7 @@ def test_imdb_sft_examples_are_excerpts_that_end_with_eos(tmp_path):
     from omegaconf import OmegaConf
 
     from conftest import ROOT, SHARED_DATA
-    from dpo_exp.config import register_configs
+    from dpo_exp.components import register_configs
     from dpo_exp.data import tokenize_dataset
     from dpo_exp.models import load_tokenizer
     from dpo_exp.tasks import build_task

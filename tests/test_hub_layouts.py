@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from dpo_exp.config import register_configs
+from dpo_exp.components import register_configs
 from dpo_exp.tasks import build_task
 
 datasets = pytest.importorskip("datasets")

@@ -167,7 +167,7 @@ def test_an_endpoint_that_keeps_failing_gives_unusable_verdicts_not_cached(serve
 
 
 def test_a_missing_key_is_a_clear_error(tmp_path, monkeypatch):
-    from dpo_exp.config import ConfigError
+    from dpo_exp.errors import ConfigError
 
     monkeypatch.delenv("DPO_EXP_TEST_JUDGE_KEY", raising=False)
     with pytest.raises(ConfigError, match="DPO_EXP_TEST_JUDGE_KEY, which is not set"):
@@ -223,7 +223,7 @@ def judged_runs(tmp_path_factory):
     from omegaconf import OmegaConf
 
     from dpo_exp import train as train_module
-    from dpo_exp.config import register_configs
+    from dpo_exp.components import register_configs
 
     register_configs()
     root = tmp_path_factory.mktemp("judged")
@@ -239,7 +239,7 @@ def judged_runs(tmp_path_factory):
 
 
 def test_a_run_judged_against_itself_ties_everywhere_and_results_land_beside_its_samples(judged_runs, tmp_path):
-    from dpo_exp.judge import judge_runs
+    from dpo_exp.judging.winrates import judge_runs
 
     run = judged_runs["dpo"]
     judge_runs(compose_judging(f"runs=[{run}]", f"baseline={run}", "judge=reward_model", f"cache_dir={tmp_path}"))
@@ -254,7 +254,7 @@ def test_a_run_judged_against_itself_ties_everywhere_and_results_land_beside_its
 
 
 def test_step_0_judges_the_policy_before_training_and_is_kept_beside_the_last_step(judged_runs, tmp_path):
-    from dpo_exp.judge import judge_runs
+    from dpo_exp.judging.winrates import judge_runs
 
     run = judged_runs["dpo"]
     judge_runs(compose_judging(f"runs=[{run}]", "baseline=initial", "judge=reward_model", f"cache_dir={tmp_path}"))
@@ -271,7 +271,7 @@ def test_step_0_judges_the_policy_before_training_and_is_kept_beside_the_last_st
 
 
 def test_the_reward_model_judge_scores_runs_head_to_head_and_is_order_blind(judged_runs, tmp_path):
-    from dpo_exp.judge import judge_runs
+    from dpo_exp.judging.winrates import judge_runs
 
     dpo, sft = judged_runs["dpo"], judged_runs["sft"]
     results = judge_runs(compose_judging(f"runs=[{dpo}]", f"baseline={sft}", "judge=reward_model",
@@ -285,7 +285,7 @@ def test_the_reward_model_judge_scores_runs_head_to_head_and_is_order_blind(judg
 
 
 def test_the_endpoint_judge_on_a_run_writes_the_key_nowhere(judged_runs, server, tmp_path, monkeypatch):
-    from dpo_exp.judge import judge_runs
+    from dpo_exp.judging.winrates import judge_runs
 
     monkeypatch.setenv("DPO_EXP_TEST_JUDGE_KEY", SECRET)
     run = judged_runs["sft"]
@@ -303,7 +303,7 @@ def test_the_temperature_plot_draws_every_judged_run(judged_runs, tmp_path):
     import runpy
     import sys
 
-    from dpo_exp.judge import judge_runs
+    from dpo_exp.judging.winrates import judge_runs
 
     judge_runs(compose_judging(f"runs=[{judged_runs['dpo']},{judged_runs['sft']}]", "judge=reward_model",
                            f"cache_dir={tmp_path}"))
@@ -352,7 +352,7 @@ def test_the_reference_baseline_of_tldr_is_the_human_summary_not_the_preferred_o
 
 
 def test_calibration_measures_agreement_with_recorded_verdicts(server, tmp_path, monkeypatch):
-    from dpo_exp.judge import calibrate
+    from dpo_exp.judging.winrates import calibrate
 
     monkeypatch.setenv("DPO_EXP_TEST_JUDGE_KEY", SECRET)
     monkeypatch.chdir(tmp_path)
@@ -373,7 +373,7 @@ def test_calibration_measures_agreement_with_recorded_verdicts(server, tmp_path,
     assert json.loads((tmp_path / "calibration.json").read_text())["agreement"] == result["agreement"]
 
     write_recorded(tmp_path / "bad.csv.gz", [{**rows[0], "preferred": "A"}])
-    from dpo_exp.config import ConfigError
+    from dpo_exp.errors import ConfigError
     with pytest.raises(ConfigError, match=r"bad.csv.gz:2: field 'preferred' is 'A'"):
         calibrate(compose_judging("calibrate=bad.csv.gz", "judge=api", f"judge.base_url={server.url}",
                               "judge.api_key_env=DPO_EXP_TEST_JUDGE_KEY", *test_prompt))
@@ -414,7 +414,7 @@ def test_win_rates_reach_the_runs_own_wandb_run(smoke_cfg, monkeypatch):
 def test_the_plot_reads_the_same_win_rates_from_a_summary_as_a_wandb_group_would_give(judged_runs, tmp_path):
     import importlib.util
 
-    from dpo_exp.judge import judge_runs
+    from dpo_exp.judging.winrates import judge_runs
 
     run = judged_runs["sft"]
     judge_runs(compose_judging(f"runs=[{run}]", "judge=reward_model", f"cache_dir={tmp_path}"))

@@ -61,16 +61,16 @@ def test_a_shared_prompt_runs_the_prompt_once_and_packing_leaves_no_padding():
     padded = collate_pairs(PAIRS, 0)
     shared = collate_pairs(PAIRS, 0, layout=LAYOUTS["shared"])
     packed = collate_pairs(PAIRS, 0, layout=PairLayout(share_prompt=True, pack=True, pack_length=20))
-    assert padded["input_ids"].shape == (8, 10) and shared["input_ids"].shape == (4, 12)
+    assert padded.input_ids.shape == (8, 10) and shared.input_ids.shape == (4, 12)
     # blocks of 8, 7, 12 and 9 tokens, first fit decreasing into 20-token rows: pairs 0 and 2, pairs 1 and 3
-    assert packed["input_ids"].shape == (2, 20) and packed["attention_mask"].diagonal(dim1=1, dim2=2).all()
-    assert packed["position_ids"][0].tolist() == list(range(6)) + [3, 4] + list(range(9)) + [7, 8, 9]
-    assert not packed["attention_mask"][0, 8:, :8].any()  # the second block sees nothing of the first
+    assert packed.input_ids.shape == (2, 20) and packed.attention_mask.diagonal(dim1=1, dim2=2).all()
+    assert packed.position_ids[0].tolist() == list(range(6)) + [3, 4] + list(range(9)) + [7, 8, 9]
+    assert not packed.attention_mask[0, 8:, :8].any()  # the second block sees nothing of the first
     # the pair with the 7-token prompt: the rejected response continues the prompt's positions, sees no chosen token
-    row = shared["input_ids"][2].tolist()
+    row = shared.input_ids[2].tolist()
     assert row[:12] == [1, 5, 6, 7, 8, 9, 10, 11, 2, 12, 13, 2]
-    assert shared["position_ids"][2, :12].tolist() == list(range(9)) + [7, 8, 9]
-    mask = shared["attention_mask"][2]
+    assert shared.position_ids[2, :12].tolist() == list(range(9)) + [7, 8, 9]
+    mask = shared.attention_mask[2]
     assert mask[9, :7].all() and not mask[9, 7:9].any() and mask[9, 9]  # rejected: prompt and itself
     assert not mask[7, 9:].any()                                           # chosen never sees the rejected one
 

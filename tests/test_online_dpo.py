@@ -3,7 +3,7 @@ ties dropped and counted, and agreement with the gold reward when a reward model
 import torch
 
 from conftest import make_cfg
-from dpo_exp.algorithms import Resources, algorithm_class
+from dpo_exp.algorithms import ALGORITHMS, Resources
 from dpo_exp.models import ScalarHeadModel, freeze
 from dpo_exp.reference import Reference
 from test_ppo import BOS, EOS, tiny_llama, tiny_tokenizer
@@ -26,7 +26,7 @@ def online(annotator="gold", reward_model=None, batch_size=16):
                     reference=Reference(lambda: freeze(tiny_llama(seed=0)), resident=True),
                     reward_model=reward_model, prompt_ids=prompts, prompt_texts=tokenizer.batch_decode(prompts),
                     gold_reward=count_t7)
-    return algorithm_class("online_dpo")("online_dpo", cfg, res), tokenizer
+    return ALGORITHMS["online_dpo"]("online_dpo", cfg, res), tokenizer
 
 
 def test_pairs_are_the_sampled_tokens_ordered_by_the_annotator_and_ties_are_dropped():
@@ -45,7 +45,7 @@ def test_pairs_are_the_sampled_tokens_ordered_by_the_annotator_and_ties_are_drop
     assert all(len(ids) == MAX_NEW for ids in cut)  # a response without EOS is one that hit the cap
     # π_ref log-probs were computed once with the pairs, and the loss uses them
     micro = step.select(list(range(len(step))))
-    assert micro["reference_chosen"].shape == (len(step),)
+    assert micro.reference_chosen.shape == (len(step),)
     out = algorithm.loss(micro)
     assert torch.isfinite(out.loss) and out.loss.requires_grad
     assert {"rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/rejected"} <= set(out.metrics)

@@ -10,7 +10,8 @@ from dpo_exp.algorithms.reward_model import RewardModelEvaluator, bradley_terry_
 from dpo_exp.algorithms.rl import (AdaptiveKLController, FixedKLController, apply_missing_eos_penalty,
                                    clipped_policy_loss, clipped_value_loss, gae, per_token_rewards, whiten)
 from dpo_exp.algorithms.scorers import GoldScorer, RewardModelScorer
-from dpo_exp.config import ConfigError, validate
+from dpo_exp.validation import validate
+from dpo_exp.errors import ConfigError
 from dpo_exp.data import TokenizedPair, collate_sequences
 from dpo_exp.models import ScalarHeadModel, freeze, load_model, make_value_model, sample, sequence_logps
 from dpo_exp.reference import Reference
@@ -134,9 +135,9 @@ def test_kl_controllers():
 
 
 def test_bradley_terry_loss():
-    # −log σ(2 − 0) = log(1 + e^−2) = 0.126928; −log σ(0) = log 2 = 0.693147; mean 0.410038
+    # −log σ(2 − 0) = log(1 + e^−2) = 0.126928; −log σ(0) = log 2 = 0.693147, one per pair
     loss = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]))
-    assert loss.item() == pytest.approx((math.log1p(math.exp(-2)) + math.log(2)) / 2, rel=1e-6)
+    assert loss.tolist() == pytest.approx([math.log1p(math.exp(-2)), math.log(2)], rel=1e-6)
 
 
 @pytest.mark.parametrize("ppo, message", [
@@ -160,7 +161,7 @@ def test_token_logps_sum_to_sequence_logps_and_scale_with_temperature(tiny_lm):
     out = sequence_logps(policy, batch, temperature=1.0, per_token=True, with_entropy=True)
     token, entropy = out.tokens, out.entropy
     torch.testing.assert_close(token.sum(-1), out.logps)
-    assert token[1, 0] == 0 and entropy[1, 0] == 0 and (entropy[batch["response_mask"]] > 0).all()
+    assert token[1, 0] == 0 and entropy[1, 0] == 0 and (entropy[batch.response_mask] > 0).all()
     # temperature T: log softmax(logits/T) of the last token of row 1 (EOS after [1,5,6,7,8])
     logits = policy(torch.tensor([[1, 5, 6, 7, 8]])).logits[0, -1]
     hot = sequence_logps(policy, batch, temperature=0.7, per_token=True).tokens
@@ -241,6 +242,36 @@ def test_reward_model_learns_marker_and_round_trips(tmp_path):
     assert loaded.offset == model.offset
     torch.testing.assert_close(RewardModelScorer(loaded, PAD)(None, again.prompt_ids, again.response_ids, None),
                                normalised)
+
+
+def test_the_reward_models_users_score_alike(tmp_path):
+    """PPO's scorer, the reward model's held-out evaluation and judge=reward_model give one pair the same
+    scores: they score through one path (RewardModelScorer)."""
+    from dpo_exp.judging.judges import RewardModelJudge
+
+    tokenizer = tiny_tokenizer()
+    model = ScalarHeadModel(tiny_llama(seed=2), end_ids=[EOS])
+    model.offset = 0.25
+    model.save_pretrained(tmp_path / "rm", tokenizer)
+    prompts = ["t3 t4", "t5", "t6 t7 t8"]
+    chosen, rejected = ["t9 t10", "t11", "t12 t13 t14"], ["t15", "t16 t17", "t18"]
+    ids = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    prompt_ids = [ids(p) for p in prompts]
+    chosen_ids, rejected_ids = [ids(r) + [EOS] for r in chosen], [ids(r) + [EOS] for r in rejected]
+
+    scorer = RewardModelScorer(model, PAD, batch_size=2)
+    chosen_scores, rejected_scores = scorer.scores(prompt_ids, chosen_ids), scorer.scores(prompt_ids, rejected_ids)
+    judge = RewardModelJudge(str(tmp_path / "rm"), torch.device("cpu"), batch_size=2)
+    torch.testing.assert_close(torch.tensor(judge.scores(prompts, chosen)), chosen_scores)
+    torch.testing.assert_close(torch.tensor(judge.scores(prompts, rejected)), rejected_scores)
+
+    pairs = [TokenizedPair(i, p, c, r) for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids))]
+    metrics, _ = RewardModelEvaluator(pairs, PAD, batch_size=2)(model, 0)
+    margin = chosen_scores - rejected_scores  # the offset cancels
+    assert metrics["eval/margin"] == pytest.approx(margin.mean().item(), abs=1e-6)
+    assert metrics["eval/accuracy"] == pytest.approx((margin > 0).float().mean().item())
+    assert metrics["eval/loss"] == pytest.approx(bradley_terry_loss(chosen_scores, rejected_scores).mean().item(),
+                                                 abs=1e-6)
 
 
 # ---------------------------------------------------------------------------- PPO end to end

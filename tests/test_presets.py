@@ -103,7 +103,7 @@ def compose_model(option: str):
     from hydra import compose, initialize_config_dir
     from conftest import ROOT
 
-    from dpo_exp.config import register_configs
+    from dpo_exp.components import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -125,7 +125,7 @@ def test_every_hub_model_option_has_a_published_architecture():
 
 @pytest.mark.parametrize("option", sorted(MODEL_PRESETS))
 def test_model_preset_composes_with_its_hub_id_dtypes_and_attention(option):
-    from dpo_exp.config import validate
+    from dpo_exp.validation import validate
 
     cfg = compose_model(option)
     validate(cfg)
@@ -161,7 +161,7 @@ def test_model_preset_block_class_attention_and_size_match_the_published_archite
 def test_the_smoke_budget_runs_a_model_preset_as_the_tiny_model(smoke_cfg, option):
     """`model=X debug=smoke` trains the tiny model offline: the preset adds nothing to its architecture (a vocab_size
     there would clash with the trained tokenizer's in dpo_exp.models.loading.new_model)."""
-    from dpo_exp.config import validate
+    from dpo_exp.validation import validate
 
     cfg = smoke_cfg(f"model={option}")
     validate(cfg)

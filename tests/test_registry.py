@@ -6,10 +6,19 @@ import pytest
 import torch
 
 from conftest import read_jsonl
-from dpo_exp import train as train_module
-from dpo_exp.algorithms import REGISTRY, Needs, OfflineAlgorithm, StepOutput, mean_metric, register
-from dpo_exp.config import ConfigError, validate
+from dataclasses import dataclass
+
+from dpo_exp import pipeline, train as train_module
+from dpo_exp.algorithms import ALGORITHMS, Needs, OfflineAlgorithm, StepOutput, mean_metric
+from dpo_exp.config import LossConfig
+from dpo_exp.validation import validate
+from dpo_exp.errors import ConfigError
 from dpo_exp.models import sequence_logps
+
+
+@dataclass
+class UnlikelihoodConfig(LossConfig):
+    alpha: float = 1.0  # weight of the rejected response's unlikelihood term
 
 
 class Unlikelihood(OfflineAlgorithm):
@@ -22,11 +31,11 @@ class Unlikelihood(OfflineAlgorithm):
         return Needs()  # no reference, no reward model: nothing but the policy and the pairs
 
     def normaliser(self, micro):
-        return torch.tensor(float(micro["index"].shape[0]))
+        return torch.tensor(float(micro.pairs))
 
     def loss(self, micro):
         out = sequence_logps(self.res.policy, micro, per_token=True)
-        b = micro["index"].shape[0]
+        b = micro.pairs
         chosen, rejected_tokens = out.logps[:b], out.tokens[b:]
         # log(1 − p) = log(−expm1(log p)), clamped away from p = 1; out.mask: the response tokens, in any layout
         unlikely = torch.log(-torch.expm1(rejected_tokens.clamp(max=-1e-6))) * out.mask[b:]
@@ -36,17 +45,17 @@ class Unlikelihood(OfflineAlgorithm):
 
 @pytest.fixture
 def unlikelihood():
-    register("unlikelihood")(Unlikelihood)
+    ALGORITHMS.add("unlikelihood", Unlikelihood, config=UnlikelihoodConfig)
     yield Unlikelihood
-    del REGISTRY["unlikelihood"]
+    ALGORITHMS.remove("unlikelihood")
 
 
 def test_a_toy_algorithm_registered_in_a_test_trains_through_the_normal_path(smoke_cfg, unlikelihood, monkeypatch):
     built = []
-    real = train_module.build_resources
-    monkeypatch.setattr(train_module, "build_resources",
+    real = pipeline.build_resources
+    monkeypatch.setattr(pipeline, "build_resources",
                         lambda cfg, prep, needs: built.append(needs) or real(cfg, prep, needs))
-    cfg = smoke_cfg("loss=sft", "loss.name=unlikelihood", "loss.alpha=0.5", "optimizer.lr=3e-3",
+    cfg = smoke_cfg("loss=sft", "loss.name=unlikelihood", "+loss.alpha=0.5", "optimizer.lr=3e-3",
                     "optimizer.warmup_steps=0", "trainer.max_steps=12")
     summary = train_module.run(cfg)
     assert built == [Needs()]
@@ -65,4 +74,4 @@ def test_without_registration_the_same_name_is_refused_with_the_registered_names
 
 def test_a_name_cannot_be_registered_twice():
     with pytest.raises(ValueError, match="already registered"):
-        register("dpo")(Unlikelihood)
+        ALGORITHMS.register("dpo")(Unlikelihood)

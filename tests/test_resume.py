@@ -18,7 +18,7 @@ from conftest import ROOT, read_jsonl
 
 from dpo_exp import checkpoint
 from dpo_exp import train as train_module
-from dpo_exp.config import ConfigError
+from dpo_exp.errors import ConfigError
 
 DPO = ["trainer.max_steps=40", "trainer.save_every=5", "trainer.eval_every=10"]
 PPO = ["loss=ppo", "ppo.reward=gold", "ppo.total_iterations=16", "ppo.eval_every=4", "trainer.save_every=2"]

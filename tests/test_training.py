@@ -1,5 +1,6 @@
 """The pieces of the loop a researcher relies on: log-probs, batching, accumulation, schedule."""
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -20,10 +21,10 @@ from dpo_exp.reference import Reference
 
 def test_left_padded_layout_puts_responses_in_the_last_columns():
     batch = collate_sequences([[1, 5], [1, 5, 6]], [[7, 2], [8, 9, 2]], pad_id=0)
-    assert batch["input_ids"].tolist() == [[0, 0, 1, 5, 7, 2], [1, 5, 6, 8, 9, 2]]
-    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
-    assert batch["position_ids"].tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
-    assert batch["response_mask"].tolist() == [[False, True, True], [True, True, True]]
+    assert batch.input_ids.tolist() == [[0, 0, 1, 5, 7, 2], [1, 5, 6, 8, 9, 2]]
+    assert batch.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert batch.position_ids.tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+    assert batch.response_mask.tolist() == [[False, True, True], [True, True, True]]
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_sequence_logps_equal_an_unpadded_forward(tiny_lm, tiny_gpt2, arch):
 def test_left_padded_positions_matter_for_gpt2(tiny_gpt2):
     """The check above can fail: positions 0..L-1 counted from the padding change GPT-2's log-probs."""
     batch = collate_sequences([[1, 5], [1, 5, 6, 7]], [[7, 9, 2], [8, 2]], pad_id=0)
-    naive = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
+    naive = dataclasses.replace(batch, position_ids=torch.arange(batch.input_ids.shape[1]).expand_as(batch.input_ids))
     assert (sequence_logps(tiny_gpt2, batch).logps - sequence_logps(tiny_gpt2, naive).logps).abs().max() > 1e-3
 
 
@@ -125,7 +126,7 @@ def _grads_after_one_step(tiny_lm, loss_name, accumulation):
     for p in policy.parameters():  # keep each gradient before the optimizer step clears it
         p.register_post_accumulate_grad_hook(lambda param: grads.__setitem__(id(param), param.grad.clone()))
     metrics = loop.optimizer_step(PairBatch(_pairs(), 0, with_rejected=loss_name != "sft"))
-    return [grads[id(p)] for p in policy.parameters()], {k: total / count for k, (total, count) in metrics.items()}
+    return [grads[id(p)] for p in policy.parameters()], metrics.means()
 
 
 def test_gradient_accumulation_equals_one_large_batch(tiny_lm):
@@ -193,7 +194,8 @@ def _short_pairs():
 def test_every_pair_loss_is_finite_with_a_finite_gradient_on_eos_only_and_very_short_responses(tiny_lm, loss_name):
 
     policy, ref = copy.deepcopy(tiny_lm[0]), tiny_lm[1]
-    cfg = make_cfg({"loss": {"name": loss_name, "beta": 2.0 if loss_name == "simpo" else 0.1, "gamma": 1.0},
+    own = {"gamma": 1.0} if loss_name == "simpo" else {}  # SimPO's margin
+    cfg = make_cfg({"loss": {"name": loss_name, "beta": 2.0 if loss_name == "simpo" else 0.1, **own},
                     "trainer": {"batch_size": 4}, "optimizer": {"lr": 1e-3, "warmup_steps": 0}})
     res = Resources(cfg, None, torch.device("cpu"), policy=policy, reference=Reference(lambda: ref, resident=True),
                     train_pairs=_short_pairs())
@@ -202,7 +204,7 @@ def test_every_pair_loss_is_finite_with_a_finite_gradient_on_eos_only_and_very_s
     for p in policy.parameters():
         p.register_post_accumulate_grad_hook(lambda param: grads.append(param.grad.clone()))
     metrics = loop.optimizer_step(PairBatch(_short_pairs(), 0, with_rejected=loss_name != "sft"))
-    loss = metrics["loss"][0] / metrics["loss"][1]
+    loss = metrics.means()["loss"]
     assert torch.isfinite(torch.as_tensor(loss)), f"{loss_name}: loss {loss}"
     assert grads and all(torch.isfinite(g).all() for g in grads), f"{loss_name}: non-finite gradient"
     assert any(g.abs().sum() > 0 for g in grads)
@@ -216,7 +218,9 @@ def test_length_normalised_losses_train_on_sampled_pairs_that_hold_empty_complet
     from conftest import read_jsonl
     from dpo_exp import train as train_module
 
-    real = train_module.preference_data
+    from dpo_exp import pipeline
+
+    real = pipeline.preference_data
 
     def with_empty_completions(cfg, task, sft_dir, tokenizer):
         train, evaluation, skipped = real(cfg, task, sft_dir, tokenizer)
@@ -224,8 +228,8 @@ def test_length_normalised_losses_train_on_sampled_pairs_that_hold_empty_complet
                    PreferencePair(p.prompt, p.chosen, "") if i % 3 == 1 else p for i, p in enumerate(train)]
         return emptied, [PreferencePair(p.prompt, "", p.rejected) for p in evaluation], skipped
 
-    monkeypatch.setattr(train_module, "preference_data", with_empty_completions)
-    cfg = smoke_cfg(f"loss={loss_name}", "loss.gamma=1.0")
+    monkeypatch.setattr(pipeline, "preference_data", with_empty_completions)
+    cfg = smoke_cfg(f"loss={loss_name}", *(["loss.gamma=1.0"] if loss_name == "simpo" else []))
     summary = train_module.run(cfg)
     losses = [r["train/loss"] for r in read_jsonl(Path(cfg.paths.output_dir) / "metrics.jsonl") if "train/loss" in r]
     assert losses and all(math.isfinite(x) for x in losses)
@@ -372,3 +376,30 @@ def test_the_loop_reuses_freed_memory_when_training_on_the_cpu_unless_told_not_t
     res = Resources(cfg, None, torch.device("cpu"), policy=copy.deepcopy(tiny_lm[0]), train_pairs=_pairs())
     build_loop(cfg, res)
     assert calls == ([True] if reuse else [])
+
+
+def test_loop_settings_read_every_field_from_its_own_trainer_key():
+    """A renamed trainer key, or a loop setting no trainer key sets, fails instead of falling back to a default."""
+    from omegaconf import OmegaConf
+
+    from dpo_exp.config import TrainerConfig
+    from dpo_exp.errors import ConfigError
+    from dpo_exp.loop import LoopSettings
+
+    trainer = OmegaConf.structured(TrainerConfig(eval_every=7, resume=True, micro_batch_tokens=64, keep_checkpoints=0))
+    settings = LoopSettings.from_trainer(trainer, log_every=3)
+    assert settings.log_every == 3  # an override
+    assert all(getattr(settings, f.name) == trainer[f.name] for f in dataclasses.fields(LoopSettings)
+               if f.name != "log_every")
+
+    renamed = OmegaConf.to_container(trainer)
+    renamed["evaluate_every"] = renamed.pop("eval_every")
+    with pytest.raises(ConfigError, match="eval_every"):
+        LoopSettings.from_trainer(OmegaConf.create(renamed))
+
+    @dataclasses.dataclass
+    class MoreSettings(LoopSettings):
+        evals_to_keep: int = 3  # a setting that from_trainer does not read
+
+    with pytest.raises(TypeError, match="evals_to_keep"):
+        MoreSettings.from_trainer(trainer)

@@ -8,42 +8,36 @@ checkpoints, accounting and logging, and knows no algorithm by name.
 
 Registering is one decorator, from anywhere (a test file, a user's module):
 
-    @register("my_loss")
+    @ALGORITHMS.register("my_loss", config=MyLossConfig, validate=check_my_loss)
     class MyLoss(OfflineAlgorithm): ...
 
-`loss=NAME` then selects it (with a conf/loss/NAME.yaml, or `loss.name=NAME` on another option).
+`loss=my_loss` then selects it, with a conf/loss/my_loss.yaml whose defaults list `my_loss_schema`.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from dpo_exp.config import OptimizerConfig, Precision
-from dpo_exp.data import PADDED, PairLayout, TokenizedPair, collate_pairs
+from dpo_exp.data import PADDED, Batch, PairLayout, TokenizedPair, collate_pairs
+from dpo_exp.metrics import Metric, mean_metric  # noqa: F401  (mean_metric: what an algorithm's metrics use)
+from dpo_exp.registry import Registry
 
-REGISTRY: dict[str, type["Algorithm"]] = {}
-
-
-def register(*names: str) -> Callable[[type["Algorithm"]], type["Algorithm"]]:
-    """Class decorator: make the algorithm selectable as `loss=<name>` for each name."""
-    def wrap(cls: type["Algorithm"]) -> type["Algorithm"]:
-        for name in names:
-            if name in REGISTRY and REGISTRY[name] is not cls:
-                raise ValueError(f"algorithm {name!r} is already registered by {REGISTRY[name].__qualname__}")
-            REGISTRY[name] = cls
-        return cls
-    return wrap
+# loss=NAME selects one; each registers its own config dataclass (a LossConfig) and validate.
+ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm", "loss.name", group="loss")
 
 
-def algorithm_class(name: str) -> type["Algorithm"]:
-    if name not in REGISTRY:
-        raise KeyError(f"unknown algorithm loss.name={name!r}; registered: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+def validate_beta(cfg: Any) -> None:
+    """loss.beta, which every algorithm has (its loss's own β, or the scale of reported implicit rewards)."""
+    if cfg.loss.beta <= 0:
+        from dpo_exp.errors import ConfigError
+
+        raise ConfigError(f"loss.beta must be > 0 (got {cfg.loss.beta}); the DPO paper uses 0.1 (0.5 for TL;DR)")
 
 
 @dataclass(frozen=True)
@@ -57,22 +51,10 @@ class Needs:
     policy: bool = True         # a causal-LM policy to train (false: the algorithm trains its own model)
 
 
-Metric = tuple[torch.Tensor, float]  # (sum of values, how many values): the loop averages over a whole step
-
-
-def mean_metric(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Metric:
-    """A metric averaged per element (per pair, or per token under `mask`) however the step is split."""
-    values = values.detach().float()
-    if mask is None:
-        return values.sum(), float(values.numel())
-    mask = mask.to(values.dtype)
-    return (values * mask).sum(), float(mask.sum().item())
-
-
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # () this micro-batch's loss summed over its units; the loop divides by the step's normaliser
-    metrics: dict[str, Metric] = field(default_factory=dict)
+    metrics: dict[str, Metric] = field(default_factory=dict)  # the loop averages each over the whole step
 
 
 class StepBatch(ABC):
@@ -114,7 +96,7 @@ class Resources:
 
 
 class Algorithm(ABC):
-    """Base of every algorithm. Subclasses set `family`, `unit` and override what differs; the four
+    """Base of every algorithm. Subclasses set `family`, `unit` and override what differs; the three
     abstract methods are what every algorithm must say (OfflineAlgorithm supplies the first two)."""
 
     family: str = ""          # written to summary.json as algorithm/family (frontiers and tables group by it)
@@ -166,9 +148,10 @@ class Algorithm(ABC):
     def experience(self, iteration: int) -> Experience:
         """What iteration `iteration` (0-based) trains on."""
 
-    @abstractmethod
     def normaliser(self, micro: Any) -> torch.Tensor:
-        """Units of the micro-batch that the step's loss is a mean over (pairs, tokens)."""
+        """Units of the micro-batch that the step's loss is a mean over: its pairs, unless the algorithm says
+        otherwise (SFT: chosen tokens, PPO: response tokens). Also of held-out pair batches (evaluation)."""
+        return torch.tensor(float(micro.pairs))
 
     @abstractmethod
     def loss(self, micro: Any) -> StepOutput:
@@ -227,7 +210,7 @@ class PairBatch(StepBatch):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def select(self, rows: np.ndarray) -> dict:
+    def select(self, rows: np.ndarray) -> Batch:
         return collate_pairs([self.pairs[i] for i in rows], self.pad_id, self.with_rejected, self.layout)
 
     def pair_tokens(self, p: TokenizedPair) -> int:

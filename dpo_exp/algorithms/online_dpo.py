@@ -9,16 +9,27 @@ gold reward, `annotator_agreement` is how often the annotator's label matches th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dpo_exp.algorithms.base import Algorithm, Experience, Needs, PairBatch, StepOutput, batch_plan, register
+from dpo_exp.algorithms.base import ALGORITHMS, Algorithm, Experience, Needs, PairBatch, StepOutput, batch_plan, validate_beta
 from dpo_exp.algorithms.ppo import make_scorer
-from dpo_exp.algorithms.preference import policy_pair_logps, preference_step
-from dpo_exp.config import RewardSource
-from dpo_exp.data import PairLayout, TokenizedPair, collate_pairs
+from dpo_exp.algorithms.preference import policy_pair_logps, preference_step, validate_label_smoothing
+from dpo_exp.algorithms.scorers import GoldScorer
+from dpo_exp.config import LossConfig, RewardSource
+from dpo_exp.errors import ConfigError
+from dpo_exp.losses import VARIANTS
+from dpo_exp.data import Batch, PairLayout, TokenizedPair, collate_pairs
 from dpo_exp.models import PairLogps, sample
+
+
+@dataclass(kw_only=True)
+class ReferencedPairs(Batch):
+    """A micro-batch of labelled pairs with their π_ref log-probs."""
+    reference_chosen: torch.Tensor    # (B,) summed log π_ref of the chosen responses
+    reference_rejected: torch.Tensor  # (B,) of the rejected ones
 
 
 class OnlinePairBatch(PairBatch):
@@ -28,15 +39,32 @@ class OnlinePairBatch(PairBatch):
         super().__init__(pairs, pad_id, with_rejected=True, layout=layout)
         self.reference = reference
 
-    def select(self, rows):
+    def select(self, rows) -> ReferencedPairs:
         batch = collate_pairs([self.pairs[i] for i in rows], self.pad_id, layout=self.layout)
         index = torch.as_tensor(rows, dtype=torch.long)
-        batch["reference_chosen"] = self.reference.chosen[index]      # (b,) summed log π_ref
-        batch["reference_rejected"] = self.reference.rejected[index]
-        return batch
+        return ReferencedPairs(**vars(batch), reference_chosen=self.reference.chosen[index],
+                               reference_rejected=self.reference.rejected[index])
 
 
-@register("online_dpo")
+@dataclass
+class OnlineDPOLossConfig(LossConfig):
+    """β and the settings of the DPO-family loss each step takes (online_dpo.loss)."""
+    label_smoothing: float = 0.0  # ε of online_dpo.loss=cdpo|rdpo
+    alpha: float = 1.0            # NLL weight of online_dpo.loss=rpo
+
+
+def validate_online_dpo(cfg: Any) -> None:
+    validate_beta(cfg)
+    validate_label_smoothing(cfg)
+    o = cfg.online_dpo
+    if o.loss not in VARIANTS or not VARIANTS[o.loss].uses_reference:
+        raise ConfigError(f"online_dpo.loss={o.loss} must be a reference-based preference loss: "
+                          f"{', '.join(n for n, v in VARIANTS.items() if v.uses_reference)}")
+    if o.temperature <= 0:
+        raise ConfigError("online_dpo.temperature must be > 0: pairs are samples of the policy")
+
+
+@ALGORITHMS.register("online_dpo", config=OnlineDPOLossConfig, validate=validate_online_dpo)
 class OnlineDPO(Algorithm):
     """The plan is over training prompts (batch_size prompts per step), not over fixed pairs."""
 
@@ -61,7 +89,9 @@ class OnlineDPO(Algorithm):
             raise ValueError("online DPO needs training prompts")
         self.plan = batch_plan(len(res.prompt_ids), t.batch_size, t.epochs, t.max_steps, cfg.seed)
         self.score = make_scorer(res, self.o.annotator, self.precision)
-        self.judge_gold = res.gold_reward is not None and RewardSource(self.o.annotator) is RewardSource.model
+        # with a learned annotator, how often it agrees with the task's gold reward
+        self.gold = (GoldScorer(res.gold_reward) if res.gold_reward is not None
+                     and RewardSource(self.o.annotator) is RewardSource.model else None)
         self.layout = PairLayout.of(t, cfg.model.attn_implementation)
 
     def iterations(self) -> int:
@@ -77,8 +107,8 @@ class OnlineDPO(Algorithm):
         samples = sample(res.policy, tok, prompt_ids, max_new, o.temperature, batch_size=o.generation_batch_size)
         scores = torch.as_tensor(self.score(prompt_texts, prompt_ids, samples.response_ids, samples.texts),
                                  dtype=torch.float32).reshape(-1, 2)
-        gold = (torch.tensor(res.gold_reward(prompt_texts, samples.texts), dtype=torch.float32).reshape(-1, 2)
-                if self.judge_gold else None)
+        gold = (self.gold(prompt_texts, prompt_ids, samples.response_ids, samples.texts).reshape(-1, 2)
+                if self.gold is not None else None)
         pairs, agree, judged = [], 0, 0
         for i in range(len(idx)):
             a, b = samples.response_ids[2 * i], samples.response_ids[2 * i + 1]
@@ -103,13 +133,10 @@ class OnlineDPO(Algorithm):
                                                                   lengths("rejected_ids")), self.layout)
         return Experience([step], metrics, examples=len(pairs), tokens=step.tokens())
 
-    def normaliser(self, micro: dict) -> torch.Tensor:
-        return torch.tensor(float(micro["index"].shape[0]))  # pairs
-
-    def loss(self, micro: dict) -> StepOutput:
+    def loss(self, micro: ReferencedPairs) -> StepOutput:
         policy = policy_pair_logps(self, micro, True)
         device = policy.chosen.device
-        reference = PairLogps(micro["reference_chosen"].to(device), micro["reference_rejected"].to(device),
+        reference = PairLogps(micro.reference_chosen.to(device), micro.reference_rejected.to(device),
                               policy.chosen_length, policy.rejected_length)
         out = self.pair_loss(policy, reference)
         out.loss = out.loss.sum()

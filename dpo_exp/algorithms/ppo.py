@@ -38,22 +38,28 @@ import numpy as np
 import torch
 
 from dpo_exp import distributed
-from dpo_exp.algorithms.base import Algorithm, Experience, Needs, StepBatch, StepOutput, register
+from dpo_exp.algorithms.base import ALGORITHMS, Algorithm, Experience, Needs, StepBatch, StepOutput, validate_beta
 from dpo_exp.algorithms.rl import (AdaptiveKLController, FixedKLController, apply_missing_eos_penalty, clipped_policy_loss,
                                    clipped_value_loss, gae, masked_mean, per_token_rewards, whiten)
 from dpo_exp.algorithms.scorers import GoldScorer, RewardModelScorer
-from dpo_exp.config import OptimizerConfig, OptimizerName, RewardSource, Schedule
-from dpo_exp.data import collate_sequences
+from dpo_exp.config import LossConfig, OptimizerConfig, OptimizerName, RewardSource, Schedule
+from dpo_exp.errors import ConfigError
+from dpo_exp.data import Batch, collate_sequences
 from dpo_exp.models import autocast, disable_dropout, sample, sequence_logps
 
 
 @dataclass
 class Rollout:
-    batch: dict                 # collate_sequences tensors (B, L) + response_mask (B, R), on the device
+    """The policy's samples and what was computed for them at sampling time; a micro-batch is some of its rows."""
+    batch: Batch                # collate_sequences: (B, L) left-padded rows, response_mask (B, R); on the device
     logps: torch.Tensor         # (B, R) old log π_T
     values: torch.Tensor        # (B, R) old V
     advantages: torch.Tensor    # (B, R) (whitened if configured)
     returns: torch.Tensor       # (B, R)
+
+    def rows(self, rows: torch.Tensor) -> "Rollout":
+        return Rollout(self.batch.rows(rows), self.logps[rows], self.values[rows], self.advantages[rows],
+                       self.returns[rows])
 
 
 class RolloutRows(StepBatch):
@@ -65,11 +71,8 @@ class RolloutRows(StepBatch):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def select(self, positions: np.ndarray) -> dict:
-        rows = self.rows[torch.as_tensor(positions, dtype=torch.long, device=self.rows.device)]
-        ro = self.rollout
-        return {**{k: v[rows] for k, v in ro.batch.items()}, "old_logps": ro.logps[rows], "old_values": ro.values[rows],
-                "advantages": ro.advantages[rows], "returns": ro.returns[rows]}
+    def select(self, positions: np.ndarray) -> Rollout:
+        return self.rollout.rows(self.rows[torch.as_tensor(positions, dtype=torch.long, device=self.rows.device)])
 
 
 def make_scorer(res, reward: RewardSource, precision: str):
@@ -79,7 +82,22 @@ def make_scorer(res, reward: RewardSource, precision: str):
     return GoldScorer(res.gold_reward)
 
 
-@register("ppo")
+def validate_ppo(cfg: Any) -> None:
+    validate_beta(cfg)
+    p = cfg.ppo
+    if p.rollout_batch_size % p.minibatch_size:
+        raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} does not divide evenly into "
+                          f"ppo.minibatch_size={p.minibatch_size}")
+    if p.micro_batch_size is not None and p.minibatch_size % p.micro_batch_size:
+        raise ConfigError(f"ppo.minibatch_size={p.minibatch_size} does not divide evenly into "
+                          f"ppo.micro_batch_size={p.micro_batch_size}")
+    if p.target_kl is not None and p.target_kl <= 0:
+        raise ConfigError(f"ppo.target_kl must be > 0 nats (got {p.target_kl}); null keeps kl_coef fixed")
+    if p.temperature <= 0:
+        raise ConfigError("ppo.temperature must be > 0: PPO's log-probs are of the tempered policy")
+
+
+@ALGORITHMS.register("ppo", config=LossConfig, validate=validate_ppo)
 class PPO(Algorithm):
     unit = "episodes"
     headline = ()  # the gold reward and KL of its samples say it all
@@ -163,9 +181,8 @@ class PPO(Algorithm):
         prompt_texts = [self.res.prompt_texts[i] for i in idx]
         samples = sample(self.policy, tok, prompt_ids, p.max_new_tokens, p.temperature,
                          batch_size=p.generation_batch_size)
-        batch = {k: v.to(device) for k, v in collate_sequences(prompt_ids, samples.response_ids,
-                                                               tok.pad_token_id).items()}
-        mask = batch["response_mask"]                                   # (B, R), right-aligned
+        batch = collate_sequences(prompt_ids, samples.response_ids, tok.pad_token_id).to(device)
+        mask = batch.response_mask                                      # (B, R), right-aligned
         B, R = mask.shape
         self.policy.eval()
         self.value_model.eval()
@@ -175,7 +192,7 @@ class PPO(Algorithm):
             with self.res.reference.model() as ref:
                 for s in range(0, len(rows), p.forward_batch_size):
                     index = torch.tensor(rows[s:s + p.forward_batch_size], device=device)
-                    sub = {k: v[index] for k, v in batch.items()}
+                    sub = batch.rows(index)
                     with autocast(device, self.precision):
                         pol = sequence_logps(self.policy, sub, p.temperature, per_token=True, with_entropy=True)
                         rlp = sequence_logps(ref, sub, p.temperature, per_token=True).tokens
@@ -216,23 +233,23 @@ class PPO(Algorithm):
         for _ in range(p.ppo_epochs):
             order = torch.randperm(B, generator=self.generator).to(device)
             steps.extend(RolloutRows(rollout, mb) for mb in order.split(p.minibatch_size))
-        tokens = int(batch["attention_mask"].sum().item()) * p.ppo_epochs
+        tokens = int(batch.attention_mask.sum().item()) * p.ppo_epochs
         return Experience(steps, metrics, {"episodes": self.episodes}, examples=B, tokens=tokens)
 
     # ---- update: one micro-batch of a minibatch --------------------------------------------
-    def normaliser(self, micro: dict) -> torch.Tensor:
-        return micro["response_mask"].sum().float()  # response tokens: PPO's losses are token means
+    def normaliser(self, micro: Rollout) -> torch.Tensor:
+        return micro.batch.response_mask.sum().float()  # response tokens: PPO's losses are token means
 
-    def loss(self, micro: dict) -> StepOutput:
-        p, mask = self.p, micro["response_mask"]
+    def loss(self, micro: Rollout) -> StepOutput:
+        p, mask = self.p, micro.batch.response_mask
         R = mask.shape[1]
         n = mask.sum()
         with autocast(self.res.device, self.precision):
-            logps = sequence_logps(self.policy, micro, p.temperature, per_token=True).tokens
-            values = self.value_model.forward_batch(micro)[:, -R - 1:-1]
-        pl, clipfrac, approx_kl = clipped_policy_loss(logps.float(), micro["old_logps"], micro["advantages"], mask,
+            logps = sequence_logps(self.policy, micro.batch, p.temperature, per_token=True).tokens
+            values = self.value_model.forward_batch(micro.batch)[:, -R - 1:-1]
+        pl, clipfrac, approx_kl = clipped_policy_loss(logps.float(), micro.logps, micro.advantages, mask,
                                                       p.clip_range)
-        vl, value_clipfrac = clipped_value_loss(values.float(), micro["old_values"], micro["returns"], mask,
+        vl, value_clipfrac = clipped_value_loss(values.float(), micro.values, micro.returns, mask,
                                                 p.value_clip_range)
         count = float(n.item())
         token_mean = lambda x: (x.detach() * n, count)  # noqa: E731  (a token mean, re-weighted over the step)

@@ -1,11 +1,15 @@
 """The DPO family: every preference loss of dpo_exp.losses on chosen/rejected log-probs, offline."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-from dpo_exp.algorithms.base import Needs, OfflineAlgorithm, StepOutput, mean_metric, register
+from dpo_exp.algorithms.base import ALGORITHMS, Needs, OfflineAlgorithm, StepOutput, mean_metric, validate_beta
+from dpo_exp.config import LossConfig
+from dpo_exp.errors import ConfigError
+from dpo_exp.data import Batch
 from dpo_exp.losses import VARIANTS, preference_loss
 from dpo_exp.models import PairLogps, autocast, sequence_logps
 
@@ -22,7 +26,7 @@ def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
     }
 
 
-def policy_pair_logps(algorithm, batch: dict, with_rejected: bool) -> PairLogps:
+def policy_pair_logps(algorithm, batch: Batch, with_rejected: bool) -> PairLogps:
     """Policy log-probs of a collated micro-batch (one concatenated chosen+rejected forward)."""
     policy = algorithm.res.policy
     device = next(policy.parameters()).device
@@ -31,12 +35,57 @@ def policy_pair_logps(algorithm, batch: dict, with_rejected: bool) -> PairLogps:
     return PairLogps.split(seq, with_rejected)
 
 
-def reference_pair_logps(algorithm, batch: dict, with_rejected: bool, table: Optional[str]) -> PairLogps:
+def reference_pair_logps(algorithm, batch: Batch, with_rejected: bool, table: Optional[str]) -> PairLogps:
     device = next(algorithm.res.policy.parameters()).device
     return algorithm.res.reference.pair_logps(batch, with_rejected, table=table).to(device)
 
 
-@register(*VARIANTS)
+@dataclass
+class PreferenceLossConfig(LossConfig):
+    """dpo, ipo, hinge."""
+    reference_free: bool = False  # true: drop the π_ref terms (a uniform reference)
+
+
+@dataclass
+class SmoothedLossConfig(PreferenceLossConfig):
+    """cdpo, rdpo: the labels are assumed flipped with probability ε."""
+    label_smoothing: float = 0.0  # ε in [0, 0.5)
+
+
+@dataclass
+class RPOConfig(PreferenceLossConfig):
+    alpha: float = 1.0  # weight of the chosen response's per-token NLL
+
+
+@dataclass
+class SimPOConfig(LossConfig):
+    """SimPO has no reference model."""
+    gamma: float = 0.5  # target reward margin γ
+
+
+VARIANT_CONFIGS = {"cdpo": SmoothedLossConfig, "rdpo": SmoothedLossConfig, "rpo": RPOConfig, "simpo": SimPOConfig}
+
+
+def validate_label_smoothing(cfg: Any) -> None:
+    if "label_smoothing" in cfg.loss and not 0 <= cfg.loss.label_smoothing < 0.5:
+        raise ConfigError(
+            f"loss.label_smoothing must be in [0, 0.5) (got {cfg.loss.label_smoothing}); "
+            "it is the assumed probability that a preference label is flipped (cdpo, rdpo)")
+
+
+def validate_preference(cfg: Any) -> None:
+    validate_beta(cfg)
+    validate_label_smoothing(cfg)
+
+
+def _register_variants(cls):
+    for variant in VARIANTS:
+        ALGORITHMS.add(variant, cls, config=VARIANT_CONFIGS.get(variant, PreferenceLossConfig),
+                       validate=validate_preference)
+    return cls
+
+
+@_register_variants
 class PreferenceAlgorithm(OfflineAlgorithm):
     """DPO and its variants (loss.name picks the variant): one step = a batch of pairs."""
 
@@ -55,10 +104,7 @@ class PreferenceAlgorithm(OfflineAlgorithm):
         super().__init__(name, cfg, res)
         self.uses_reference = self.needs(cfg).reference
 
-    def normaliser(self, micro: dict) -> torch.Tensor:
-        return torch.tensor(float(micro["index"].shape[0]))  # pairs
-
-    def loss(self, micro: dict) -> StepOutput:
+    def loss(self, micro: Batch) -> StepOutput:
         policy = policy_pair_logps(self, micro, True)
         reference = reference_pair_logps(self, micro, True, "train") if self.uses_reference else None
         out = self.pair_loss(policy, reference)
@@ -72,9 +118,9 @@ class PreferenceAlgorithm(OfflineAlgorithm):
 def preference_step(variant: str, loss_cfg, policy: PairLogps, reference: Optional[PairLogps]) -> StepOutput:
     """Per-pair loss of a DPO-family variant (loss.beta, label_smoothing, alpha, gamma) and its reward metrics;
     shared by offline and online DPO. reference None: the reference-free form."""
+    settings = {key: loss_cfg[key] for key in ("label_smoothing", "alpha", "gamma") if key in loss_cfg}
     out = preference_loss(
         variant, policy.chosen, policy.rejected, None if reference is None else reference.chosen,
-        None if reference is None else reference.rejected, loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
-        alpha=loss_cfg.alpha, gamma=loss_cfg.gamma, chosen_length=policy.chosen_length,
-        rejected_length=policy.rejected_length)
+        None if reference is None else reference.rejected, loss_cfg.beta, chosen_length=policy.chosen_length,
+        rejected_length=policy.rejected_length, **settings)
     return StepOutput(out.loss, reward_metrics(out.chosen_rewards, out.rejected_rewards, policy))

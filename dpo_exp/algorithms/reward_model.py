@@ -13,18 +13,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpo_exp import distributed
-from dpo_exp.algorithms.base import Needs, OfflineAlgorithm, StepOutput, mean_metric, register
+from dpo_exp.algorithms.base import ALGORITHMS, Needs, OfflineAlgorithm, StepOutput, validate_beta
 from dpo_exp.algorithms.scorers import RewardModelScorer
-from dpo_exp.data import PADDED, TokenizedPair, collate_pairs
-from dpo_exp.models import ScalarHeadModel, autocast, sample
+from dpo_exp.config import LossConfig
+from dpo_exp.data import PADDED, Batch, TokenizedPair, collate_pairs
+from dpo_exp.metrics import Metric, MetricSums, mean_metric
+from dpo_exp.models import ScalarHeadModel, sample
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
-    """Reward-model loss −log σ(r(y_w) − r(y_l)), mean over pairs. (B,), (B,) → ()."""
-    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+    """Reward-model loss −log σ(r(y_w) − r(y_l)) of each pair (Bradley–Terry; Ouyang et al. 2022, eq. 1).
+    (B,), (B,) → (B,)."""
+    return -F.logsigmoid(chosen_scores - rejected_scores)
 
 
-@register("reward_model")
+def pair_score_metrics(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> dict[str, Metric]:
+    """Per pair: accuracy (r(y_w) > r(y_l) strictly) and margin r(y_w) − r(y_l)."""
+    return {"accuracy": mean_metric((chosen_scores > rejected_scores).float()),
+            "margin": mean_metric(chosen_scores - rejected_scores)}
+
+
+@ALGORITHMS.register("reward_model", config=LossConfig, validate=validate_beta)
 class RewardModelAlgorithm(OfflineAlgorithm):
     """Trains `res.reward_model` (a ScalarHeadModel) on the task's pairs; one step = a batch of pairs."""
 
@@ -38,6 +47,8 @@ class RewardModelAlgorithm(OfflineAlgorithm):
     def __init__(self, name: str, cfg: Any, res):
         super().__init__(name, cfg, res)
         self.layout = PADDED  # the scalar head scores each row's last token: one left-padded row per response
+        self.scorer = RewardModelScorer(res.reward_model, res.tokenizer.pad_token_id, precision=self.precision,
+                                        raw=True)
 
     @classmethod
     def needs(cls, cfg: Any) -> Needs:
@@ -50,17 +61,10 @@ class RewardModelAlgorithm(OfflineAlgorithm):
     def trained(self) -> dict:
         return {"reward_model": (self.res.reward_model, self.cfg.optimizer)}
 
-    def normaliser(self, micro: dict) -> torch.Tensor:
-        return torch.tensor(float(micro["index"].shape[0]))  # pairs
-
-    def loss(self, micro: dict) -> StepOutput:
-        model = self.res.reward_model
-        with autocast(model.head.weight.device, self.precision):
-            scores = model.raw_score(micro).float()
-        b = micro["index"].shape[0]
-        chosen, rejected = scores[:b], scores[b:]
-        return StepOutput(-F.logsigmoid(chosen - rejected).sum(),
-                          {"accuracy": mean_metric((chosen > rejected).float()), "margin": mean_metric(chosen - rejected)})
+    def loss(self, micro: Batch) -> StepOutput:
+        scores = self.scorer.score_batch(micro)
+        chosen, rejected = scores[:micro.pairs], scores[micro.pairs:]
+        return StepOutput(bradley_terry_loss(chosen, rejected).sum(), pair_score_metrics(chosen, rejected))
 
 
 class RewardModelEvaluator:
@@ -73,25 +77,20 @@ class RewardModelEvaluator:
     def __call__(self, model: ScalarHeadModel, step: int) -> tuple[dict, dict]:
         if not self.pairs:
             return {}, {}
+        scorer = RewardModelScorer(model, self.pad_id, precision=self.precision, raw=True)
         was_training = model.training
         model.eval()
-        device = model.head.weight.device
-        sums = [0.0, 0.0, 0.0, 0.0]  # loss, accuracy, margin, pairs; under torchrun each rank sums its share
+        sums = MetricSums()  # under torchrun each rank sums its share of the pairs
         for rows, real in distributed.shared_batches(len(self.pairs), self.batch_size):
-            chunk = [self.pairs[i] for i in rows]
-            with autocast(device, self.precision):
-                scores = model.raw_score(collate_pairs(chunk, self.pad_id)).float()
+            batch = collate_pairs([self.pairs[i] for i in rows], self.pad_id)
+            scores = scorer.score_batch(batch)
             if not real:  # a stand-in batch: this rank had no pairs left
                 continue
-            b = len(chunk)
-            chosen, rejected = scores[:b], scores[b:]
-            sums[0] += bradley_terry_loss(chosen, rejected).item() * b
-            sums[1] += (chosen > rejected).float().sum().item()
-            sums[2] += (chosen - rejected).sum().item()
-            sums[3] += b
-        loss, acc, margin, n = distributed.reduce_floats(sums)
+            chosen, rejected = scores[:batch.pairs], scores[batch.pairs:]
+            sums.add("loss", *mean_metric(bradley_terry_loss(chosen, rejected)))
+            sums.merge(pair_score_metrics(chosen, rejected))
         model.train(was_training)
-        return {"eval/loss": loss / n, "eval/accuracy": acc / n, "eval/margin": margin / n}, {}
+        return {f"eval/{name}": value for name, value in distributed.reduce_metrics(sums).means().items()}, {}
 
 
 @torch.no_grad()
@@ -103,8 +102,7 @@ def normalise_reward_model(reward_model: ScalarHeadModel, sft_policy: nn.Module,
     After this, the score of π_SFT's own samples has mean 0 (N+ details, reward normalisation).
     """
     samples = sample(sft_policy, tokenizer, prompt_ids, max_new_tokens, temperature, batch_size=batch_size)
-    reward_model.offset = 0.0
-    raw = RewardModelScorer(reward_model, tokenizer.pad_token_id, batch_size, precision)(
-        None, samples.prompt_ids, samples.response_ids, samples.texts)
+    raw = RewardModelScorer(reward_model, tokenizer.pad_token_id, batch_size, precision, raw=True).scores(
+        samples.prompt_ids, samples.response_ids)
     reward_model.offset = raw.mean().item()
     return {"offset": reward_model.offset, "std": raw.std().item() if len(raw) > 1 else 0.0, "n": len(raw)}

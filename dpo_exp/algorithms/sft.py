@@ -5,12 +5,14 @@ from typing import Any, Optional
 
 import torch
 
-from dpo_exp.algorithms.base import Needs, OfflineAlgorithm, StepOutput, mean_metric, register
+from dpo_exp.algorithms.base import ALGORITHMS, Needs, OfflineAlgorithm, StepOutput, mean_metric, validate_beta
 from dpo_exp.algorithms.preference import policy_pair_logps
+from dpo_exp.config import LossConfig
+from dpo_exp.data import Batch
 from dpo_exp.models import PairLogps
 
 
-@register("sft")
+@ALGORITHMS.register("sft", config=LossConfig, validate=validate_beta)
 class SFTAlgorithm(OfflineAlgorithm):
     """Preferred-FT / SFT. The loss is a per-token mean over every chosen token of the whole step."""
 
@@ -27,11 +29,10 @@ class SFTAlgorithm(OfflineAlgorithm):
     def label(cls, cfg: Any) -> str:
         return "Preferred-FT"
 
-    def normaliser(self, micro: dict) -> torch.Tensor:
-        b = micro["index"].shape[0]
-        return micro["lengths"][:b].sum().float()  # chosen tokens
+    def normaliser(self, micro: Batch) -> torch.Tensor:
+        return micro.lengths[:micro.pairs].sum().float()  # chosen tokens
 
-    def loss(self, micro: dict) -> StepOutput:
+    def loss(self, micro: Batch) -> StepOutput:
         policy = policy_pair_logps(self, micro, False)
         return StepOutput(-policy.chosen.sum(), {"logps/chosen": mean_metric(policy.chosen)})
 

@@ -6,8 +6,9 @@
 - `files`: reading rows from local files and the hub;
 - `formats`: the datasets' formats (hh, shp, tldr, imdb, ultrafeedback, pairs) and row validation.
 """
-from dpo_exp.data.examples import (PADDED, PairLayout, PreferencePair, TokenizedPair, collate_pairs, collate_sequences,
-                                   load_pairs, prompt_token_ids, save_pairs, tokenize_dataset, tokenize_pair)
+from dpo_exp.data.examples import (PADDED, Batch, PairLayout, PreferencePair, TokenizedPair, collate_pairs,
+                                   collate_sequences, load_pairs, prompt_token_ids, save_pairs, tokenize_dataset,
+                                   tokenize_pair)
 
-__all__ = ["PADDED", "PairLayout", "PreferencePair", "TokenizedPair", "collate_pairs", "collate_sequences", "load_pairs",
-           "prompt_token_ids", "save_pairs", "tokenize_dataset", "tokenize_pair"]
+__all__ = ["PADDED", "Batch", "PairLayout", "PreferencePair", "TokenizedPair", "collate_pairs", "collate_sequences",
+           "load_pairs", "prompt_token_ids", "save_pairs", "tokenize_dataset", "tokenize_pair"]

@@ -132,8 +132,6 @@ def _answer_ids(tokenizer, prompt: str, prompt_ids: list[int], whole: str) -> li
 def _check_prompt_as_text(tokenizer, prompt: str, prompt_ids: list[int]) -> None:
     """Prompts also travel as text (sampling, evaluation, the judge read `pair.prompt` through
     dpo_exp.data.prompt_token_ids): that text must give the same tokens as the template's prompt."""
-    from dpo_exp.data.examples import prompt_token_ids
-
     as_text = prompt_token_ids(tokenizer, prompt)
     if as_text != prompt_ids:
         raise TemplateUnusable(
@@ -141,3 +139,15 @@ def _check_prompt_as_text(tokenizer, prompt: str, prompt_ids: list[int]) -> None
             f"to a text ({len(as_text)} tokens instead of the template's {len(prompt_ids)}), so a prompt read as text "
             "(sampling, evaluation) would not be the one trained on; start the template with {{ bos_token }} or a "
             "special token")
+
+
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """Prompt tokens as the model reads them: a text that begins with one of the tokenizer's special tokens was
+    written by a chat template (its BOS or a turn marker) and is tokenized as apply_chat_template tokenizes it,
+    with nothing added (no second BOS); any other text gets the tokenizer's own special tokens (BOS for
+    Llama-style tokenizers), as the DPO authors' code gave them."""
+    ids = tokenizer(prompt, add_special_tokens=not starts_with_special_token(tokenizer, prompt))["input_ids"]
+    if not ids:  # an empty prompt still needs a token to condition on
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [start]
+    return ids

@@ -8,24 +8,32 @@ pairs; conversations rendered by a chat template, `dpo_exp.data.chat`) keep them
 
 Batches are *left*-padded by default: every sequence ends at the last column, so the
 response tokens of a whole batch sit in its last R columns. Pairs can instead share their
-prompt and be packed without padding (`PairLayout`). Every layout carries the same
-log-prob targets: `keep` (N, L), the positions whose logits are computed (the model
-projects only those to the vocabulary, `logits_to_keep`, which saves the LM-head cost of
-the prompt), and per response token its predicting kept position (`source`), its id
-(`labels`), its sequence (`sequence`) and its place in that sequence's row of per-token
-outputs (`offset`); `lengths` counts each sequence's response tokens.
+prompt and be packed without padding (`PairLayout`). A collated batch is a `Batch`, whose fields
+say which layout has them. Every layout gives the same log-prob targets: `keep` (N, L), the
+positions whose logits are computed (the model projects only those to the vocabulary,
+`logits_to_keep`, which saves the LM-head cost of the prompt), and per response token its
+predicting kept position (`source`), its id (`labels`), its sequence (`sequence`) and its place
+in that sequence's row of per-token outputs (`offset`); `lengths` counts each sequence's
+response tokens.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-from dpo_exp.config import MASKED_ATTENTION
-from dpo_exp.data.chat import starts_with_special_token
+from dpo_exp.data.chat import prompt_token_ids, starts_with_special_token  # noqa: F401  (prompt_token_ids: re-exported)
+from dpo_exp.errors import ConfigError
+
+# Attention implementations that take a layout mask, which shared prompts need: a dense (N, 1, L, L) one (sdpa,
+# eager) or flex attention's block-sparse BlockMask (layout_mask_mod).
+MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+# FlashAttention kernels take no mask but run packed sequences as one row told apart by restarting positions
+# (transformers' variable-length path): they pack, but cannot share a prompt.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
 @dataclass(frozen=True)
@@ -67,18 +75,6 @@ def load_pairs(path: Path) -> list[PreferencePair]:
         return [PreferencePair(**json.loads(line)) for line in handle if line.strip()]
 
 
-def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
-    """Prompt tokens as the model reads them: a text that begins with one of the tokenizer's special tokens was
-    written by a chat template (its BOS or a turn marker) and is tokenized as apply_chat_template tokenizes it,
-    with nothing added (no second BOS); any other text gets the tokenizer's own special tokens (BOS for
-    Llama-style tokenizers), as the DPO authors' code gave them."""
-    ids = tokenizer(prompt, add_special_tokens=not starts_with_special_token(tokenizer, prompt))["input_ids"]
-    if not ids:  # an empty prompt still needs a token to condition on
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ids = [start]
-    return ids
-
-
 def tokenize_pair(tokenizer, pair: PreferencePair, index: int, max_length: int, max_prompt_length: int,
                   keep_prompt_end: bool = True) -> TokenizedPair:
     stored = pair.chosen_ids is not None  # sampled or template tokens, never re-tokenized
@@ -115,12 +111,68 @@ def tokenize_dataset(tokenizer, pairs: Sequence[PreferencePair], max_length: int
     return kept, ({"no_response_tokens": dropped} if dropped else {})
 
 
-def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> dict:
-    """Left-pad prompt+response sequences, one per row.
+@dataclass
+class Batch:
+    """The tensors of one forward pass: N rows of width L holding S sequences (a prompt and one response each),
+    in one of the layouts of `PairLayout`. Padded (collate_sequences; collate_pairs with PADDED): one left-padded
+    row per sequence, S = N. Shared prompt and packed (collate_pairs): rows of blocks, a prompt and the
+    responses that continue it. A field that only some layouts have says which; it is None in the others.
 
-    Returns input_ids, attention_mask, position_ids: (N, L); response_mask: (N, R) over the last R columns,
-    R the longest response; lengths: (N,) response tokens. The log-prob targets follow from these rows
-    (`padded_targets`, at the forward).
+    The log-prob targets (keep ... offset) say which positions are projected to the vocabulary and which
+    response token each predicts, in any layout; T counts the batch's response tokens, K the kept positions.
+    """
+    input_ids: torch.Tensor       # (N, L)
+    position_ids: torch.Tensor    # (N, L)
+    attention_mask: torch.Tensor  # padded: (N, L), 1 at tokens, 0 at padding; shared/packed: (N, L, L) bool, True
+                                  # where query position i of a row may attend to key position j
+    lengths: torch.Tensor         # (S,) response tokens of each sequence
+    # padded only: (N, R) True at response tokens, the last R columns (R: the longest response)
+    response_mask: Optional[torch.Tensor] = None
+    # the log-prob targets: shared/packed batches carry them; a padded batch derives them from its rows
+    # (`with_targets`, at the forward), so any subset of its rows stays consistent
+    keep: Optional[torch.Tensor] = None      # (N, L) bool, the positions whose logits are computed (row-major: K)
+    source: Optional[torch.Tensor] = None    # (T,) per response token, its predicting kept position, 0..K-1
+    labels: Optional[torch.Tensor] = None    # (T,) its token id
+    sequence: Optional[torch.Tensor] = None  # (T,) its sequence, 0..S-1
+    offset: Optional[torch.Tensor] = None    # (T,) its place in its sequence's row of per-token outputs
+    # shared/packed only: the attention rule's inputs (layout_mask_mod)
+    block: Optional[torch.Tensor] = None     # (N, L) the block of each position, -1 at padding
+    segment: Optional[torch.Tensor] = None   # (N, L) 0 in a prompt, s >= 1 in its block's s-th response
+    # collate_pairs only: (B,) dataset positions of the pairs; sequences 0..B-1 are their chosen responses,
+    # B..2B-1 their rejected ones (with_rejected)
+    index: Optional[torch.Tensor] = None
+
+    @property
+    def padded(self) -> bool:
+        return self.response_mask is not None
+
+    @property
+    def pairs(self) -> int:
+        """How many pairs a collate_pairs batch holds."""
+        return int(self.index.shape[0])
+
+    def with_targets(self) -> "Batch":
+        """The batch with its log-prob targets: derived from the rows of a padded batch, else its own."""
+        if not self.padded:
+            return self
+        return replace(self, **padded_targets(self.input_ids, self.response_mask))
+
+    def rows(self, index: torch.Tensor) -> "Batch":
+        """The padded batch of these rows (PPO's minibatches); its targets follow from its rows."""
+        if not self.padded or self.index is not None:
+            raise ValueError("only a padded batch of sequences (collate_sequences) is cut into rows")
+        return Batch(self.input_ids[index], self.position_ids[index], self.attention_mask[index],
+                     self.lengths[index], self.response_mask[index])
+
+    def to(self, device: torch.device) -> "Batch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+
+def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int) -> Batch:
+    """Left-pad prompt+response sequences, one per row: a padded Batch (input_ids, attention_mask, position_ids,
+    response_mask over the last R columns, lengths). The log-prob targets follow from these rows (`padded_targets`,
+    at the forward).
     """
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     width = max(lengths)
@@ -138,8 +190,8 @@ def collate_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int
         if r:
             response_mask[i, resp_width - len(r):] = True
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "response_mask": response_mask, "lengths": response_mask.sum(-1)}
+    return Batch(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                 lengths=response_mask.sum(-1), response_mask=response_mask)
 
 
 def padded_targets(input_ids: torch.Tensor, response_mask: torch.Tensor) -> dict:
@@ -180,8 +232,7 @@ class PairLayout:
     def of(cls, trainer, attention: str) -> "PairLayout":
         """The layout a trainer config asks for (trainer.share_prompt, trainer.pack, trainer.pack_length) with
         the model's attention implementation: share_prompt null shares wherever the attention takes a layout
-        mask (MASKED_ATTENTION): as fast as padded rows or faster in the benchmark's shapes, 1.6x with long
-        prompts, even where long responses dominate (0.99x; README, scripts/bench_dpo.py --layouts)."""
+        mask (MASKED_ATTENTION), where it is as fast as padded rows or faster (scripts/bench_dpo.py --layouts)."""
         share = trainer.share_prompt if trainer.share_prompt is not None else attention in MASKED_ATTENTION
         return cls(bool(share), bool(trainer.pack), trainer.pack_length)
 
@@ -189,14 +240,31 @@ class PairLayout:
 PADDED = PairLayout()
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bool = True,
-                  layout: PairLayout = PADDED) -> dict:
-    """A micro-batch of pairs for one forward pass of chosen and rejected responses.
+def validate_pair_layout(cfg: Any) -> None:
+    """The layout trainer.share_prompt / trainer.pack ask for runs with model.attn_implementation."""
+    t, attention = cfg.trainer, cfg.model.attn_implementation
+    if t.share_prompt and attention not in MASKED_ATTENTION:
+        raise ConfigError(
+            f"trainer.share_prompt needs an attention that takes a mask (model.attn_implementation="
+            f"{' | '.join(MASKED_ATTENTION)}), not {attention}; set trainer.share_prompt=false to use it"
+            + (" (trainer.pack=true still packs with it)" if attention in VARLEN_ATTENTION else ""))
+    if t.pack and attention not in MASKED_ATTENTION + VARLEN_ATTENTION:
+        raise ConfigError(
+            f"trainer.pack needs model.attn_implementation={' | '.join(MASKED_ATTENTION + VARLEN_ATTENTION)}, "
+            f"not {attention}; set trainer.pack=false to use it")
+    if attention == "flex_attention" and _trains_on_cpu(t.device):
+        raise ConfigError("model.attn_implementation=flex_attention trains only on a GPU (torch's flex attention "
+                          "has no backward pass on the CPU); use sdpa here")
 
-    Returns the layout's input_ids, position_ids, attention_mask ((N, L) padding mask when padded, else an
-    (N, L, L) boolean mask, True where query row i may attend to key column j), `lengths` and (shared or packed;
-    padded batches derive them, `padded_targets`) the log-prob targets of 2B sequences (B with
-    with_rejected=False) in the order chosen then rejected, and `index`: (B,) dataset positions of the pairs.
+
+def _trains_on_cpu(device: str) -> bool:
+    return device.startswith("cpu") or (device == "auto" and not torch.cuda.is_available())
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bool = True,
+                  layout: PairLayout = PADDED) -> Batch:
+    """A micro-batch of pairs for one forward pass of chosen and rejected responses: a Batch in the layout, of 2B
+    sequences (B with with_rejected=False) in the order chosen then rejected, with the pairs' `index`.
     """
     if layout.padded or (not layout.pack and not with_rejected):  # one response per prompt: nothing to share
         prompts = [p.prompt_ids for p in pairs]
@@ -207,7 +275,7 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bo
         batch = collate_sequences(prompts, responses, pad_id)
     else:
         batch = _collate_blocks(pairs, pad_id, with_rejected, layout)
-    batch["index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)
+    batch.index = torch.tensor([p.index for p in pairs], dtype=torch.long)
     return batch
 
 
@@ -215,7 +283,7 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bo
 Block = tuple[list[int], list[tuple[list[int], int]]]
 
 
-def _collate_blocks(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bool, layout: PairLayout) -> dict:
+def _collate_blocks(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: bool, layout: PairLayout) -> Batch:
     b = len(pairs)
     blocks: list[Block] = []
     for i, p in enumerate(pairs):
@@ -263,10 +331,9 @@ def _collate_blocks(pairs: Sequence[TokenizedPair], pad_id: int, with_rejected: 
     columns = torch.arange(width)
     mask = layout_mask_mod(block_of, segment)(torch.arange(n)[:, None, None], None, columns[:, None], columns)
     lengths = torch.zeros(2 * b if with_rejected else b, dtype=torch.long).index_add_(0, sequence, torch.ones_like(sequence))
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "keep": keep,
-            "block": block_of, "segment": segment,
-            "source": flat[rows_t * width + cols_t], "labels": labels, "sequence": sequence, "offset": offset,
-            "lengths": lengths}
+    return Batch(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, lengths=lengths, keep=keep,
+                 source=flat[rows_t * width + cols_t], labels=labels, sequence=sequence, offset=offset,
+                 block=block_of, segment=segment)
 
 
 def layout_mask_mod(block: torch.Tensor, segment: torch.Tensor):

@@ -13,9 +13,7 @@ import os
 import zlib
 from typing import Any, Iterator
 
-
-class DataFileError(ValueError):
-    """A file that does not parse, or an invalid row under on_invalid="error"."""
+from dpo_exp.errors import DataFileError
 
 
 def _file_format(path: str) -> tuple[str, bool]:

@@ -7,7 +7,7 @@ Public API
 ``load(name, *, path=None, hub_name=None, split="train", hub_config=None, on_invalid="skip",
 tokenizer=None, min_score_ratio=None, kind="pairs") -> LoadResult``
     ``name`` is one of ``hh``, ``shp``, ``tldr``, ``imdb``, ``ultrafeedback``, ``pairs``. A local
-    ``path`` takes precedence over ``hub_name`` (``HUB_NAMES`` lists the usual hub copies; nothing
+    ``path`` takes precedence over ``hub_name`` (``LAYOUTS[name].hub_name`` is the usual hub copy; nothing
     is downloaded unless a hub name is given). ``kind="pairs"`` gives preference pairs,
     ``kind="sft"`` gives SFT examples ``PreferencePair(prompt, chosen=target)`` (``rejected`` None).
 ``read_rows(path)`` and ``hub_rows(...)`` live in `dpo_exp.data.files`:
@@ -109,29 +109,17 @@ import functools
 import math
 import os
 from collections import Counter
+import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from dpo_exp.data.chat import RowRefused, TemplateUnusable, chat_tokens, end_of_turn_id
 from dpo_exp.data.examples import PreferencePair, prompt_token_ids
-from dpo_exp.data.files import DataFileError, json_type, line_numbered, hub_rows, read_rows
+from dpo_exp.data.files import json_type, line_numbered, hub_rows, read_rows
+from dpo_exp.errors import ConfigError, DataFileError
+from dpo_exp.registry import Registry
 
-__all__ = ["DataFileError", "LoadResult", "NAMES", "HUB_NAMES", "load", "read_rows", "hub_rows",
-           "check_lengths"]
-
-NAMES = ("hh", "shp", "tldr", "imdb", "ultrafeedback", "pairs", "sharegpt", "alpaca")
-# Layouts whose rows may be conversations rendered by a chat template ("auto" may detect any of them): what
-# they give depends on the template (cache keys hold it, dpo_exp.stages).
-CONVERSATIONAL = frozenset({"ultrafeedback", "pairs", "sharegpt", "alpaca", "auto"})
-
-# Where each dataset usually comes from; load() never downloads unless hub_name is given.
-HUB_NAMES = {
-    "hh": "Anthropic/hh-rlhf",
-    "shp": "stanfordnlp/SHP",
-    "tldr": "CarperAI/openai_summarize_comparisons",
-    "imdb": "stanfordnlp/imdb",
-    "ultrafeedback": "trl-lib/ultrafeedback_binarized",
-}
+__all__ = ["DataFileError", "LAYOUTS", "Layout", "LoadResult", "load", "read_rows", "hub_rows", "check_lengths"]
 
 ASSISTANT_TURN = "\n\nAssistant:"
 SHP_HUMAN = "HUMAN: "
@@ -161,7 +149,7 @@ class LoadResult:
 # Row checks shared by the datasets
 
 
-class _Invalid(Exception):
+class InvalidRow(Exception):
     """A row the loader cannot use. `reason` is its key in LoadResult.skipped; a `filter` drops a
     row by design (no verdict, low score ratio) and never raises."""
 
@@ -175,7 +163,7 @@ class _Fatal(Exception):
 
 
 @dataclass
-class _Options:
+class RowOptions:
     kind: str
     tokenizer: Any = None
     min_score_ratio: float | None = None
@@ -186,35 +174,35 @@ class _Options:
         return frozenset(i for i in (self.tokenizer.eos_token_id, end_of_turn_id(self.tokenizer)) if i is not None)
 
 
-def _require(row: dict, fields: Sequence[str]) -> None:
+def require_fields(row: dict, fields: Sequence[str]) -> None:
     for name in fields:
         if name not in row:
-            raise _Invalid(f"missing_key:{name}", name, "missing")
+            raise InvalidRow(f"missing_key:{name}", name, "missing")
 
 
-def _text(row: dict, name: str) -> str:
+def text_field(row: dict, name: str) -> str:
     if name not in row:
-        raise _Invalid(f"missing_key:{name}", name, "missing")
+        raise InvalidRow(f"missing_key:{name}", name, "missing")
     value = row[name]
     if not isinstance(value, str):
-        raise _Invalid(f"not_a_string:{name}", name, f"expected text, got {json_type(value)}")
+        raise InvalidRow(f"not_a_string:{name}", name, f"expected text, got {json_type(value)}")
     if not value.strip():
-        raise _Invalid(f"empty:{name}", name, "empty text")
+        raise InvalidRow(f"empty:{name}", name, "empty text")
     return value
 
 
-def _nonempty(text: str, name: str) -> str:
+def nonempty(text: str, name: str) -> str:
     """A response cut out of a longer text (hh, tldr, chat), checked like a field."""
     if not text.strip():
-        raise _Invalid(f"empty:{name}", name, "empty response")
+        raise InvalidRow(f"empty:{name}", name, "empty response")
     return text
 
 
-def _pair(prompt: str, chosen: str, rejected: str, **ids) -> PreferencePair:
+def checked_pair(prompt: str, chosen: str, rejected: str, **ids) -> PreferencePair:
     """A preference pair; `ids`: a conversation's prompt_ids, chosen_ids and rejected_ids."""
     # Compared without surrounding whitespace: " Yes" vs " Yes\n" carries no preference either.
     if chosen.strip() == rejected.strip():
-        raise _Invalid("chosen_equals_rejected", "rejected", "identical to 'chosen'")
+        raise InvalidRow("chosen_equals_rejected", "rejected", "identical to 'chosen'")
     return PreferencePair(prompt, chosen, rejected, **ids)
 
 
@@ -225,22 +213,22 @@ Converted = tuple[PreferencePair, "float | None"]  # the example, and a score fo
 # Datasets
 
 
-def _hh(row: dict, opts: _Options) -> Converted:
-    _require(row, ("chosen",) if opts.kind == "sft" else ("chosen", "rejected"))
-    chosen = _text(row, "chosen")
+def _hh(row: dict, opts: RowOptions) -> Converted:
+    require_fields(row, ("chosen",) if opts.kind == "sft" else ("chosen", "rejected"))
+    chosen = text_field(row, "chosen")
     cut = chosen.rfind(ASSISTANT_TURN)
     if cut < 0:
-        raise _Invalid("no_assistant_turn", "chosen", "no '\\n\\nAssistant:' turn")
+        raise InvalidRow("no_assistant_turn", "chosen", "no '\\n\\nAssistant:' turn")
     prompt = chosen[:cut + len(ASSISTANT_TURN)]
-    chosen_response = _nonempty(chosen[len(prompt):], "chosen")
+    chosen_response = nonempty(chosen[len(prompt):], "chosen")
     if opts.kind == "sft":
         return PreferencePair(prompt, chosen_response), None
-    rejected = _text(row, "rejected")
+    rejected = text_field(row, "rejected")
     if not rejected.startswith(prompt):
-        raise _Invalid("no_shared_prefix", "rejected",
+        raise InvalidRow("no_shared_prefix", "rejected",
                        "does not start with the prompt of 'chosen' (its text up to the last '\\n\\nAssistant:')")
-    rejected_response = _nonempty(rejected[len(prompt):], "rejected")
-    return _pair(prompt, chosen_response, rejected_response), None
+    rejected_response = nonempty(rejected[len(prompt):], "rejected")
+    return checked_pair(prompt, chosen_response, rejected_response), None
 
 
 def _label(row: dict) -> int:
@@ -248,7 +236,7 @@ def _label(row: dict) -> int:
     if isinstance(value, str):
         value = value.strip()
     if value not in (0, 1, "0", "1"):  # CSV gives "0"/"1", pandas may give 0.0/1.0
-        raise _Invalid("bad_value:labels", "labels", f"expected 0 or 1, got {value!r}")
+        raise InvalidRow("bad_value:labels", "labels", f"expected 0 or 1, got {value!r}")
     return int(value)
 
 
@@ -258,37 +246,37 @@ def _score(row: dict, name: str) -> float:
         try:
             value = float(value)
         except ValueError:
-            raise _Invalid(f"bad_value:{name}", name, f"not a number: {value!r}") from None
+            raise InvalidRow(f"bad_value:{name}", name, f"not a number: {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         # The ratio max/min needs positive scores (the authors' code divides by them).
-        raise _Invalid(f"bad_value:{name}", name, f"expected a positive number, got {value!r}")
+        raise InvalidRow(f"bad_value:{name}", name, f"expected a positive number, got {value!r}")
     return float(value)
 
 
-def _shp(row: dict, opts: _Options) -> Converted:
-    _require(row, ("history", "human_ref_A", "human_ref_B", "labels"))
-    history = _text(row, "history")
+def _shp(row: dict, opts: RowOptions) -> Converted:
+    require_fields(row, ("history", "human_ref_A", "human_ref_B", "labels"))
+    history = text_field(row, "history")
     if history.startswith(SHP_HUMAN):  # HH repacked as SHP: restore HH's turn markers instead of nesting them
         history = (history[len(SHP_HUMAN):].replace("\n\nASSISTANT: ", "\n\nAssistant: ")
                    .replace("\n\nHUMAN: ", "\n\nHuman: "))
     a_preferred = _label(row) == 1
     winner, loser = ("human_ref_A", "human_ref_B") if a_preferred else ("human_ref_B", "human_ref_A")
     prompt = "\n\nHuman: " + history + ASSISTANT_TURN
-    chosen = " " + _text(row, winner)
+    chosen = " " + text_field(row, winner)
 
     score = None
     has_scores = "score_A" in row or "score_B" in row
     if has_scores and (opts.min_score_ratio is not None or opts.kind == "sft"):
-        _require(row, ("score_A", "score_B"))
+        require_fields(row, ("score_A", "score_B"))
         scores = {"score_A": _score(row, "score_A"), "score_B": _score(row, "score_B")}
         score = scores["score_A" if a_preferred else "score_B"]
         ratio = max(scores.values()) / min(scores.values())
         if opts.min_score_ratio is not None and ratio < opts.min_score_ratio:
-            raise _Invalid("low_score_ratio", "score_A", f"score ratio {ratio:.3g} < {opts.min_score_ratio}",
+            raise InvalidRow("low_score_ratio", "score_A", f"score ratio {ratio:.3g} < {opts.min_score_ratio}",
                            filter=True)
     if opts.kind == "sft":
         return PreferencePair(prompt, chosen), score
-    return _pair(prompt, chosen, " " + _text(row, loser)), None
+    return checked_pair(prompt, chosen, " " + text_field(row, loser)), None
 
 
 def _summary_text(text: str) -> str:
@@ -296,40 +284,40 @@ def _summary_text(text: str) -> str:
     return text if text[:1].isspace() else " " + text
 
 
-def _tldr(row: dict, opts: _Options) -> Converted:
+def _tldr(row: dict, opts: RowOptions) -> Converted:
     if "query" in row:
         return _tldr_judged(row, opts)
     return _tldr_comparisons(row, opts)
 
 
-def _tldr_judged(row: dict, opts: _Options) -> Converted:
+def _tldr_judged(row: dict, opts: RowOptions) -> Converted:
     sft = opts.kind == "sft"
-    _require(row, ("query", "reference_responses") if sft else
+    require_fields(row, ("query", "reference_responses") if sft else
              ("query", "reference_responses", "postprocessed_response", "preferred"))
-    query = _text(row, "query")
-    reference = _summary_text(_text(row, "reference_responses"))
+    query = text_field(row, "query")
+    reference = _summary_text(text_field(row, "reference_responses"))
     if sft:
         return PreferencePair(query, reference), None
-    ours = _summary_text(_text(row, "postprocessed_response"))
+    ours = _summary_text(text_field(row, "postprocessed_response"))
     verdict = row["preferred"]
     if verdict is None:  # a missing verdict read back from parquet/JSON
         verdict = ""
     if not isinstance(verdict, str):
-        raise _Invalid("not_a_string:preferred", "preferred", f"expected text, got {json_type(verdict)}")
+        raise InvalidRow("not_a_string:preferred", "preferred", f"expected text, got {json_type(verdict)}")
     verdict = verdict.strip()
     if not verdict:
-        raise _Invalid("no_preference", "preferred", "no verdict", filter=True)
+        raise InvalidRow("no_preference", "preferred", "no verdict", filter=True)
     if verdict not in ("reference", "ours"):
-        raise _Invalid("bad_value:preferred", "preferred", f"expected 'reference', 'ours' or '', got {verdict!r}")
+        raise InvalidRow("bad_value:preferred", "preferred", f"expected 'reference', 'ours' or '', got {verdict!r}")
     chosen, rejected = (reference, ours) if verdict == "reference" else (ours, reference)
-    return _pair(query, chosen, rejected), None
+    return checked_pair(query, chosen, rejected), None
 
 
-def _tldr_comparisons(row: dict, opts: _Options) -> Converted:
+def _tldr_comparisons(row: dict, opts: RowOptions) -> Converted:
     names = ("chosen",) if opts.kind == "sft" else ("chosen", "rejected")
-    _require(row, ("prompt",) + names)
-    prompt = _text(row, "prompt")
-    responses = {name: _text(row, name) for name in names}
+    require_fields(row, ("prompt",) + names)
+    prompt = text_field(row, "prompt")
+    responses = {name: text_field(row, name) for name in names}
     if not prompt.rstrip().endswith(TLDR_MARKER):
         # The hub layout puts "TL;DR:" at the start of each response; the model should be
         # prompted with it, as in the OpenAI format, so the response is the summary alone.
@@ -340,49 +328,49 @@ def _tldr_comparisons(row: dict, opts: _Options) -> Converted:
                 moved = True
         if moved:
             prompt = prompt + ("" if prompt.endswith("\n") else "\n") + TLDR_MARKER
-    responses = {name: _summary_text(_nonempty(text, name)) for name, text in responses.items()}
+    responses = {name: _summary_text(nonempty(text, name)) for name, text in responses.items()}
     if opts.kind == "sft":
         return PreferencePair(prompt, responses["chosen"]), None
-    return _pair(prompt, responses["chosen"], responses["rejected"]), None
+    return checked_pair(prompt, responses["chosen"], responses["rejected"]), None
 
 
-def _imdb(row: dict, opts: _Options) -> Converted:
-    _require(row, ("text",))
-    text = _nonempty(_text(row, "text").replace("<br />", " "), "text")
+def _imdb(row: dict, opts: RowOptions) -> Converted:
+    require_fields(row, ("text",))
+    text = nonempty(text_field(row, "text").replace("<br />", " "), "text")
     return PreferencePair("", text), None
 
 
-def _pairs(row: dict, opts: _Options) -> Converted:
+def _pairs(row: dict, opts: RowOptions) -> Converted:
     names = ("chosen",) if opts.kind == "sft" else ("chosen", "rejected")
     if any(isinstance(row.get(name), list) for name in ("prompt",) + names):
         return _chat_pair(row, opts, names)
     if "prompt" not in row and all(isinstance(row.get(n), str) for n in ("chosen", "rejected")):
         pair, _ = _implicit_text_pair(row)  # the prompt is what chosen and rejected share, for SFT too
         return (PreferencePair(pair.prompt, pair.chosen) if opts.kind == "sft" else pair), None
-    _require(row, ("prompt",) + names)
-    prompt = _text(row, "prompt")
-    responses = [_text(row, name) for name in names]
+    require_fields(row, ("prompt",) + names)
+    prompt = text_field(row, "prompt")
+    responses = [text_field(row, name) for name in names]
     if opts.kind == "sft":
         return PreferencePair(prompt, responses[0]), None
-    return _pair(prompt, *responses), None
+    return checked_pair(prompt, *responses), None
 
 
 def _implicit_text_pair(row: dict) -> Converted:
     """TRL's standard implicit-prompt rows: `chosen` and `rejected` are whole texts and their shared start is
     the prompt, cut at the last whitespace of the shared text so neither response starts mid-word (each keeps
     its leading space: "The sky is" / " blue." / " green."). Words both responses begin with become prompt."""
-    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
     cut = max((i for i in range(shared) if chosen[i].isspace()), default=-1)
     if shared == len(chosen) == len(rejected):
-        raise _Invalid("chosen_equals_rejected", "rejected", "identical to 'chosen'")
+        raise InvalidRow("chosen_equals_rejected", "rejected", "identical to 'chosen'")
     while cut > 0 and chosen[cut - 1].isspace():  # a run of whitespace goes with the responses
         cut -= 1
     if cut <= 0 or not chosen[:cut].strip():
-        raise _Invalid("missing_key:prompt", "prompt", "missing, and 'chosen' and 'rejected' share no leading text")
-    return _pair(chosen[:cut], _nonempty(chosen[cut:], "chosen"), _nonempty(rejected[cut:], "rejected")), None
+        raise InvalidRow("missing_key:prompt", "prompt", "missing, and 'chosen' and 'rejected' share no leading text")
+    return checked_pair(chosen[:cut], nonempty(chosen[cut:], "chosen"), nonempty(rejected[cut:], "rejected")), None
 
 
 def _messages(row: dict, name: str) -> list[dict] | str:
@@ -393,7 +381,7 @@ def _messages(row: dict, name: str) -> list[dict] | str:
     if not isinstance(value, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in value):
-        raise _Invalid(f"bad_messages:{name}", name, "expected text or a list of {role, content} messages "
+        raise InvalidRow(f"bad_messages:{name}", name, "expected text or a list of {role, content} messages "
                        "with string content")
     return value
 
@@ -404,38 +392,38 @@ def _turns(messages: list[dict]) -> list[tuple[str, str]]:
 
 def _chat_response(value: list[dict] | str, prompt: list[dict], name: str) -> str:
     if isinstance(value, str):
-        return _nonempty(value, name)
+        return nonempty(value, name)
     if _turns(value[:len(prompt)]) == _turns(prompt):
         value = value[len(prompt):]  # the whole conversation: keep what follows the prompt
     if not value:
-        raise _Invalid(f"empty:{name}", name, "no message after the prompt")
+        raise InvalidRow(f"empty:{name}", name, "no message after the prompt")
     if value[0]["role"] != "assistant":
-        raise _Invalid("no_shared_prefix", name, "its messages do not start with the prompt's")
+        raise InvalidRow("no_shared_prefix", name, "its messages do not start with the prompt's")
     if len(value) != 1:
-        raise _Invalid(f"bad_messages:{name}", name,
+        raise InvalidRow(f"bad_messages:{name}", name,
                        f"expected one assistant message after the prompt, got {len(value)} messages")
-    return _nonempty(value[0]["content"], name)
+    return nonempty(value[0]["content"], name)
 
 
-def _chat_pair(row: dict, opts: _Options, names: Sequence[str]) -> Converted:
+def _chat_pair(row: dict, opts: RowOptions, names: Sequence[str]) -> Converted:
     _need_template(opts, "chat-style ({role, content} messages)")
-    _require(row, names)
+    require_fields(row, names)
     responses = {name: _messages(row, name) for name in names}
 
     if row.get("prompt") is not None:
         prompt_value = _messages(row, "prompt")
         if isinstance(prompt_value, str):
-            prompt = [{"role": "user", "content": _text(row, "prompt")}]
+            prompt = [{"role": "user", "content": text_field(row, "prompt")}]
         elif prompt_value:
             prompt = prompt_value
         else:
-            raise _Invalid("empty:prompt", "prompt", "no messages")
+            raise InvalidRow("empty:prompt", "prompt", "no messages")
     else:
         # TRL's implicit prompt: the messages chosen and rejected share from the start.
         chosen = responses["chosen"]
         rejected = responses.get("rejected")
         if not isinstance(chosen, list):
-            raise _Invalid("missing_key:prompt", "prompt", "missing, and 'chosen' is plain text")
+            raise InvalidRow("missing_key:prompt", "prompt", "missing, and 'chosen' is plain text")
         if isinstance(rejected, list):
             # The last message of each is its response, even when the two are identical (which
             # the equality check then reports).
@@ -447,14 +435,14 @@ def _chat_pair(row: dict, opts: _Options, names: Sequence[str]) -> Converted:
         else:
             prompt = chosen[:-1]
         if not prompt:
-            raise _Invalid("missing_key:prompt", "prompt", "missing, and 'chosen'/'rejected' share no "
+            raise InvalidRow("missing_key:prompt", "prompt", "missing, and 'chosen'/'rejected' share no "
                            "leading messages")
 
     texts = [_chat_response(responses[name], prompt, name) for name in names]
     return _conversation(prompt, texts, opts, "prompt"), None
 
 
-def _need_template(opts: _Options, layout: str) -> None:
+def _need_template(opts: RowOptions, layout: str) -> None:
     from dpo_exp.models.templates import TEMPLATES  # the named templates a base model can be given
 
     tokenizer = opts.tokenizer
@@ -468,19 +456,19 @@ def _need_template(opts: _Options, layout: str) -> None:
                      "file), or use a chat model (model=smollm2_135m, or model.tokenizer=<an instruct model>)")
 
 
-def _conversation(messages: list[dict], texts: list[str], opts: _Options, field: str) -> PreferencePair:
+def _conversation(messages: list[dict], texts: list[str], opts: RowOptions, field: str) -> PreferencePair:
     """The row as the model reads it at inference: its prompt through the chat template with the generation
     prompt, each response as the template writes the assistant's answer after it (`dpo_exp.data.chat`); the
     pair keeps those token ids with its texts. `texts`: chosen (and rejected); `field`: the prompt's column."""
     try:
         tokens = chat_tokens(opts.tokenizer, messages, texts, opts.end_ids)
     except RowRefused as err:
-        raise _Invalid(f"bad_messages:{field}", field, str(err)) from None
+        raise InvalidRow(f"bad_messages:{field}", field, str(err)) from None
     except TemplateUnusable as err:
         raise _Fatal(str(err)) from None
     if opts.kind == "sft":
         return PreferencePair(tokens.prompt, texts[0], prompt_ids=tokens.prompt_ids, chosen_ids=tokens.answer_ids[0])
-    return _pair(tokens.prompt, *texts, prompt_ids=tokens.prompt_ids, chosen_ids=tokens.answer_ids[0],
+    return checked_pair(tokens.prompt, *texts, prompt_ids=tokens.prompt_ids, chosen_ids=tokens.answer_ids[0],
                  rejected_ids=tokens.answer_ids[1])
 
 
@@ -496,32 +484,32 @@ def _system_message(row: dict) -> list[dict]:
     if system is None:
         return []
     if not isinstance(system, str):
-        raise _Invalid("not_a_string:system", "system", f"expected text, got {json_type(system)}")
+        raise InvalidRow("not_a_string:system", "system", f"expected text, got {json_type(system)}")
     return [{"role": "system", "content": system}] if system.strip() else []
 
 
 def _sharegpt_turn(turn: Any, field: str) -> dict:
     if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
-        raise _Invalid(f"bad_messages:{field}", field, "expected {from, value} turns with string values")
+        raise InvalidRow(f"bad_messages:{field}", field, "expected {from, value} turns with string values")
     role = SHAREGPT_ROLES.get(turn["from"].strip().lower())
     if role is None:
-        raise _Invalid(f"bad_messages:{field}", field, f"unknown role from={turn['from']!r}; known: "
+        raise InvalidRow(f"bad_messages:{field}", field, f"unknown role from={turn['from']!r}; known: "
                        + ", ".join(SHAREGPT_ROLES))
     return {"role": role, "content": turn["value"]}
 
 
-def _sharegpt(row: dict, opts: _Options) -> Converted:
+def _sharegpt(row: dict, opts: RowOptions) -> Converted:
     """LLaMA-Factory / ShareGPT preference rows: `conversations` (the prompt's {from, value} turns), `chosen`
     and `rejected` ({from: gpt, value} objects, or plain text), an optional `system` text."""
     names = ("chosen",) if opts.kind == "sft" else ("chosen", "rejected")
     _need_template(opts, "ShareGPT")
-    _require(row, ("conversations",) + names)
+    require_fields(row, ("conversations",) + names)
     turns = row["conversations"]
     if not isinstance(turns, list) or not turns:
-        raise _Invalid("bad_messages:conversations", "conversations", "expected a non-empty list of {from, value} turns")
+        raise InvalidRow("bad_messages:conversations", "conversations", "expected a non-empty list of {from, value} turns")
     messages = _system_message(row) + [_sharegpt_turn(turn, "conversations") for turn in turns]
     if messages[-1]["role"] == "assistant":
-        raise _Invalid("bad_messages:conversations", "conversations",
+        raise InvalidRow("bad_messages:conversations", "conversations",
                        "ends with an assistant turn; the prompt's last turn is the user's (chosen/rejected answer it)")
     texts = []
     for name in names:
@@ -529,11 +517,11 @@ def _sharegpt(row: dict, opts: _Options) -> Converted:
         if isinstance(value, dict):
             turn = _sharegpt_turn(value, name)
             if turn["role"] != "assistant":
-                raise _Invalid(f"bad_messages:{name}", name, f"from={value['from']!r}; a response is the assistant's (gpt)")
+                raise InvalidRow(f"bad_messages:{name}", name, f"from={value['from']!r}; a response is the assistant's (gpt)")
             value = turn["content"]
         elif not isinstance(value, str):
-            raise _Invalid(f"bad_messages:{name}", name, f"expected a {{from, value}} object or text, got {json_type(value)}")
-        texts.append(_nonempty(value, name))
+            raise InvalidRow(f"bad_messages:{name}", name, f"expected a {{from, value}} object or text, got {json_type(value)}")
+        texts.append(nonempty(value, name))
     return _conversation(messages, texts, opts, "conversations"), None
 
 
@@ -541,18 +529,18 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
-def _alpaca(row: dict, opts: _Options) -> Converted:
+def _alpaca(row: dict, opts: RowOptions) -> Converted:
     """Alpaca-style preference rows: `instruction`, optional `input` and `system`, `chosen` and `rejected` texts.
     With a chat template the prompt is one user message (instruction, a blank line, input) after the system
     text; without one, the Alpaca text template (ALPACA_PROMPT)."""
     names = ("chosen",) if opts.kind == "sft" else ("chosen", "rejected")
-    _require(row, ("instruction",) + names)
-    instruction = _text(row, "instruction")
+    require_fields(row, ("instruction",) + names)
+    instruction = text_field(row, "instruction")
     extra = row.get("input")
     if extra is not None and not isinstance(extra, str):
-        raise _Invalid("not_a_string:input", "input", f"expected text, got {json_type(extra)}")
+        raise InvalidRow("not_a_string:input", "input", f"expected text, got {json_type(extra)}")
     extra = (extra or "").strip()
-    texts = [_text(row, name) for name in names]
+    texts = [text_field(row, name) for name in names]
     if opts.tokenizer is not None and getattr(opts.tokenizer, "chat_template", None):
         messages = _system_message(row) + [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")}]
         return _conversation(messages, texts, opts, "instruction"), None
@@ -560,47 +548,115 @@ def _alpaca(row: dict, opts: _Options) -> Converted:
               else ALPACA_PROMPT.format(instruction=instruction))
     if opts.kind == "sft":
         return PreferencePair(prompt, texts[0]), None
-    return _pair(prompt, *texts), None
+    return checked_pair(prompt, *texts), None
 
 
-_CONVERTERS: dict[str, Callable[[dict, _Options], Converted]] = {
-    "hh": _hh, "shp": _shp, "tldr": _tldr, "imdb": _imdb, "ultrafeedback": _pairs, "pairs": _pairs,
-    "sharegpt": _sharegpt, "alpaca": _alpaca,
-}
+def _is_sharegpt(keys: set) -> bool:
+    return "conversations" in keys and "chosen" in keys
 
-# What each layout reads, for detection and for the message when no layout fits a file.
-LAYOUTS = {
-    "pairs": "prompt, chosen, rejected (texts or {role, content} messages; no prompt: TRL's implicit prompt)",
-    "sharegpt": "conversations ({from, value} turns), chosen, rejected ({from, value}), optional system",
-    "alpaca": "instruction, optional input and system, chosen, rejected",
-    "hh": "chosen, rejected (whole '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts)",
-    "shp": "history, human_ref_A, human_ref_B, labels (optional score_A, score_B)",
-    "tldr": "query, reference_responses (and postprocessed_response, preferred); or prompt, chosen, rejected",
-    "imdb": "text",
-}
-FIELDS = frozenset({"prompt", "chosen", "rejected", "conversations", "system", "instruction", "input", "history",
-                    "human_ref_A", "human_ref_B", "labels", "score_A", "score_B", "query", "reference_responses",
-                    "postprocessed_response", "preferred", "text"})
+
+def _is_alpaca(keys: set) -> bool:
+    return "instruction" in keys and "chosen" in keys
+
+
+def _is_shp(keys: set) -> bool:
+    return {"history", "human_ref_A", "human_ref_B", "labels"} <= keys
+
+
+def _is_tldr(keys: set) -> bool:
+    return {"query", "reference_responses"} <= keys
+
+
+def _has_responses(row: dict) -> bool:
+    return {"chosen", "rejected"} <= set(row) and not set(row) & {"conversations", "instruction"}
+
+
+def _is_transcript(row: dict) -> bool:
+    chosen = row.get("chosen")
+    return "prompt" not in row and isinstance(chosen, str) and "\n\nHuman:" in chosen and ASSISTANT_TURN in chosen
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A file layout: how a row becomes an example, and what it reads."""
+    convert: Callable[[dict, RowOptions], Converted]  # a row -> (example, score for SFT selection), or InvalidRow
+    reads: str                    # the columns a row holds, for messages
+    fields: tuple[str, ...]       # every column it may read (data.columns.<field>=<column> renames them)
+    hub_name: str | None = None   # where the dataset usually comes from (load() never downloads unless asked)
+    conversational: bool = False  # rows may be conversations rendered by a chat template (cache keys hold it)
+    matches: Callable[[dict], bool] | None = None  # data.format=auto: the first row is this layout's
+    one_per_prompt: bool = False  # SFT: one example per prompt, as the DPO authors read hh and shp
+    judge_prompt: str = "dialogue"  # the judging prompt judge_prompt=auto picks for its samples (conf/judge_prompt/)
+
+
+# data.format=NAME (or data.name's own) selects one; data.format=auto detects it from the first row.
+LAYOUTS: Registry[Layout] = Registry("data layout", "data.format")
+_PAIR_FIELDS = ("prompt", "chosen", "rejected")
+LAYOUTS.add("hh", Layout(_hh, "chosen, rejected (whole '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts)",
+                         ("chosen", "rejected"), "Anthropic/hh-rlhf",
+                         matches=lambda row: _has_responses(row) and _is_transcript(row), one_per_prompt=True))
+LAYOUTS.add("shp", Layout(_shp, "history, human_ref_A, human_ref_B, labels (optional score_A, score_B)",
+                          ("history", "human_ref_A", "human_ref_B", "labels", "score_A", "score_B"), "stanfordnlp/SHP",
+                          matches=lambda row: _is_shp(set(row)), one_per_prompt=True))
+LAYOUTS.add("tldr", Layout(_tldr, "query, reference_responses (and postprocessed_response, preferred); or prompt, "
+                           "chosen, rejected", _PAIR_FIELDS + ("query", "reference_responses", "postprocessed_response",
+                                                               "preferred"),
+                           "CarperAI/openai_summarize_comparisons", matches=lambda row: _is_tldr(set(row)),
+                           judge_prompt="summary"))
+LAYOUTS.add("imdb", Layout(_imdb, "text", ("text",), "stanfordnlp/imdb"))
+LAYOUTS.add("ultrafeedback", Layout(_pairs, "prompt, chosen, rejected (as pairs)", _PAIR_FIELDS,
+                                    "trl-lib/ultrafeedback_binarized", conversational=True))
+LAYOUTS.add("pairs", Layout(_pairs, "prompt, chosen, rejected (texts or {role, content} messages; no prompt: TRL's "
+                            "implicit prompt)", _PAIR_FIELDS, conversational=True,
+                            matches=lambda row: _has_responses(row) and not _is_transcript(row)))
+LAYOUTS.add("sharegpt", Layout(_sharegpt, "conversations ({from, value} turns), chosen, rejected ({from, value}), "
+                               "optional system", ("conversations", "chosen", "rejected", "system"), conversational=True,
+                               matches=lambda row: _is_sharegpt(set(row))))
+LAYOUTS.add("alpaca", Layout(_alpaca, "instruction, optional input and system, chosen, rejected",
+                             ("instruction", "input", "system", "chosen", "rejected"), conversational=True,
+                             matches=lambda row: _is_alpaca(set(row))))
+
+# The order data.format=auto tries layouts in, and lists several matches in.
+_DETECTION_ORDER = ("sharegpt", "alpaca", "shp", "tldr", "hh", "pairs")
+
+
+def layout_names() -> tuple[str, ...]:
+    return tuple(LAYOUTS)
+
+
+def fields() -> frozenset:
+    """Every field some registered layout reads: the keys data.columns accepts."""
+    return frozenset(f for _, layout in LAYOUTS.items() for f in layout.fields)
+
+
+def conversational(name: str) -> bool:
+    """Whether a file read as `name` (a layout or auto) may hold conversations rendered by a chat template."""
+    return name == "auto" or (name in LAYOUTS and LAYOUTS[name].conversational)
+
+
+def _described() -> str:
+    return "; ".join(f"{name}: {layout.reads}" for name, layout in LAYOUTS.items())
 
 
 def detect(row: dict) -> list[str]:
     """The layouts whose columns the row has (data.format=auto reads the first row)."""
-    keys = set(row)
-    found = []
-    responses = {"chosen", "rejected"} <= keys
-    if "conversations" in keys and "chosen" in keys:
-        found.append("sharegpt")
-    if "instruction" in keys and "chosen" in keys:
-        found.append("alpaca")
-    if {"history", "human_ref_A", "human_ref_B", "labels"} <= keys:
-        found.append("shp")
-    if {"query", "reference_responses"} <= keys:
-        found.append("tldr")
-    if responses and not keys & {"conversations", "instruction"}:
-        chosen = row["chosen"]
-        transcript = isinstance(chosen, str) and "\n\nHuman:" in chosen and ASSISTANT_TURN in chosen
-        found.append("hh" if "prompt" not in keys and transcript else "pairs")
-    return found
+    order = [n for n in _DETECTION_ORDER if n in LAYOUTS] + [n for n in LAYOUTS if n not in _DETECTION_ORDER]
+    return [name for name in order if LAYOUTS[name].matches is not None and LAYOUTS[name].matches(row)]
+
+
+def validate_data(cfg: Any) -> None:
+    """data.format names a registered layout (or auto); data.columns names fields a layout reads."""
+    data = cfg.data
+    if data.format is not None and data.format != "auto" and data.format not in LAYOUTS:
+        raise ConfigError(f"data.format={data.format} is not a layout; one of auto, " + ", ".join(LAYOUTS)
+                          + " (" + _described() + ")")
+    known = fields()
+    for field, column in (data.columns or {}).items():
+        if field not in known:
+            close = difflib.get_close_matches(str(field), known, n=1)
+            hint = f" (did you mean data.columns.{close[0]}?)" if close else ""
+            raise ConfigError(f"data.columns.{field}={column}: {field} is not a field any layout reads{hint}; "
+                              "fields: " + ", ".join(sorted(known)))
 
 
 def _columns_hint(columns: dict[str, str], field: str) -> str:
@@ -639,16 +695,16 @@ def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | No
          split: str = "train", hub_config: str | None = None, on_invalid: str = "skip",
          tokenizer=None, min_score_ratio: float | None = None, kind: str = "pairs",
          columns: dict[str, str] | None = None) -> LoadResult:
-    """Read dataset `name` (a layout of NAMES, or "auto": the layout the first row's columns fit) from a local
+    """Read dataset `name` (a registered layout, or "auto": the layout the first row's columns fit) from a local
     `path` (preferred) or the hub, validating every row. `columns` maps the fields a layout reads to the file's
     own column names ({"prompt": "question", "chosen": "response_j", "rejected": "response_k"})."""
     columns = dict(columns or {})
-    unknown = sorted(set(columns) - FIELDS)
+    unknown = sorted(set(columns) - fields())
     if unknown:
         raise ValueError(f"data.columns: {', '.join(unknown)} is not a field any layout reads; fields: "
-                         + ", ".join(sorted(FIELDS)))
-    if name not in NAMES and name != "auto":
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)} or auto")
+                         + ", ".join(sorted(fields())))
+    if name not in LAYOUTS and name != "auto":
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(LAYOUTS)} or auto")
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be 'skip' or 'error', got {on_invalid!r}")
     if kind not in KINDS:
@@ -668,12 +724,13 @@ def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | No
         rows = hub_rows(hub_name, split, hub_config)
         where = "row"
     else:
-        hint = f" (e.g. hub_name={HUB_NAMES[name]!r})" if name in HUB_NAMES else ""
+        hub_name = LAYOUTS[name].hub_name if name in LAYOUTS else None
+        hint = f" (e.g. hub_name={hub_name!r})" if hub_name else ""
         raise ValueError(f"give path= (a local file) or hub_name={hint}")
 
-    convert = _CONVERTERS.get(name)
+    convert = LAYOUTS[name].convert if name in LAYOUTS else None
     detected = None
-    opts = _Options(kind, tokenizer, min_score_ratio)
+    opts = RowOptions(kind, tokenizer, min_score_ratio)
     examples: list[Converted] = []
     skipped: Counter[str] = Counter()
     count = 0
@@ -685,10 +742,10 @@ def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | No
         row = _renamed(row, columns)
         if convert is None:  # auto: the first row decides the layout of the file
             detected = _detect_layout(row, first_columns, source, f"{where} {number}")
-            name, convert = detected, _CONVERTERS[detected]
+            name, convert = detected, LAYOUTS[detected].convert
         try:
             examples.append(convert(row, opts))
-        except _Invalid as bad:
+        except InvalidRow as bad:
             if on_invalid == "error" and not bad.filter:
                 raise DataFileError(f"{source}: {where} {number}: field {_columns_hint(columns, bad.field)}: "
                                     f"{bad.detail}") from None
@@ -705,10 +762,9 @@ def load(name: str, *, path: str | os.PathLike | None = None, hub_name: str | No
         how = "detected from the first row" if detected else "named by data.format / data.name"
         raise DataFileError(f"{source}: none of its {count} rows is a valid '{name}' row ({reasons}); the first "
                             f"row has the columns {first_columns} (layout {how}). Layouts: "
-                            + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
-                            + ". Rename columns with data.columns.<field>=<column> or pick data.format=")
+                            + _described() + ". Rename columns with data.columns.<field>=<column> or pick data.format=")
 
-    if kind == "sft" and name in ("hh", "shp"):
+    if kind == "sft" and LAYOUTS[name].one_per_prompt:
         pairs = _one_per_prompt(name, examples)
         if len(pairs) < len(examples):
             skipped["duplicate_prompt"] += len(examples) - len(pairs)
@@ -722,7 +778,7 @@ def _detect_layout(row: dict, columns: list[str], source: str, where: str) -> st
     found = detect(row)
     if len(found) == 1:
         return found[0]
-    layouts = "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
+    layouts = _described()
     if not found:
         raise DataFileError(f"{source}: {where}: its columns {columns} fit no known layout ({layouts}). Name the "
                             "file's columns with data.columns.<field>=<column> (e.g. data.columns.prompt=question "

@@ -22,10 +22,12 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dpo_exp.judging.judges import Comparison, Judge, render
+from dpo_exp.judging.config import JudgeConfig
+from dpo_exp.judging.judges import JUDGES, Comparison, Judge, JudgeContext, render
 
 RETRIED_STATUS = {429, 500, 502, 503, 504}
 
@@ -62,6 +64,22 @@ def parse_choice(text: str) -> str:
     return "invalid"
 
 
+@dataclass
+class APIJudgeConfig(JudgeConfig):
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    api_key_env: Optional[str] = "OPENAI_API_KEY"  # the NAME of the variable holding the key; never the key
+    max_concurrency: int = 8
+    max_retries: int = 6
+    backoff_s: float = 1.0
+    backoff_max_s: float = 60.0
+    timeout_s: float = 60.0
+    temperature: float = 0.0
+    max_tokens: int = 8
+    price_per_million_input: Optional[float] = None
+    price_per_million_output: Optional[float] = None
+
+
 class APIJudge(Judge):
     name = "api"
 
@@ -70,7 +88,7 @@ class APIJudge(Judge):
         self.url = str(cfg.base_url).rstrip("/") + "/chat/completions"
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         if cfg.api_key_env and not key:
-            from dpo_exp.config import ConfigError
+            from dpo_exp.errors import ConfigError
 
             raise ConfigError(f"judge=api reads its key from the environment variable {cfg.api_key_env}, which is "
                               "not set (judge.api_key_env=null for an endpoint without a key)")
@@ -159,3 +177,8 @@ class APIJudge(Judge):
 
 class JudgeRequestError(RuntimeError):
     """A request the endpoint did not answer usefully (the message never holds the key)."""
+
+
+@JUDGES.register("api", config=APIJudgeConfig)
+def api_judge(cfg, context: JudgeContext) -> Judge:
+    return APIJudge(cfg, context.template(), Path(context.cache_dir) / "judge" / "api.sqlite")

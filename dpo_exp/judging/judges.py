@@ -17,9 +17,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from dpo_exp.judging.config import JudgeConfig
+from dpo_exp.errors import ConfigError
+from dpo_exp.registry import Registry
 
 CHOICES = ("first", "second", "tie", "invalid")
 
@@ -91,12 +95,14 @@ class GoldJudge(ScoringJudge):
     name = "gold"
 
     def __init__(self, gold_reward: Optional[Callable[[Sequence[str], Sequence[str]], list[float]]]):
+        from dpo_exp.algorithms.scorers import GoldScorer
+
         if gold_reward is None:
             raise ValueError("judge=gold needs a task with a gold reward (task=sentiment); this run's task has none")
-        self.gold_reward = gold_reward
+        self.scorer = GoldScorer(gold_reward)
 
     def scores(self, prompts, responses) -> list[float]:
-        return list(self.gold_reward(list(prompts), list(responses)))
+        return self.scorer.scores(list(prompts), list(responses))
 
 
 class RewardModelJudge(ScoringJudge):
@@ -105,6 +111,7 @@ class RewardModelJudge(ScoringJudge):
     name = "reward_model"
 
     def __init__(self, path: str, device: torch.device, batch_size: int = 32, max_length: int = 1024):
+        from dpo_exp.algorithms.scorers import RewardModelScorer
         from dpo_exp.models import ScalarHeadModel, load_tokenizer
 
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
@@ -112,6 +119,7 @@ class RewardModelJudge(ScoringJudge):
         if (Path(path) / "scalar_head.json").is_file():
             self.model = ScalarHeadModel.from_pretrained(path, device=device).eval()
             self.dpo_exp_model = True
+            self.scorer = RewardModelScorer(self.model, self.tokenizer.pad_token_id, batch_size)
         else:
             from transformers import AutoModelForSequenceClassification
 
@@ -120,25 +128,22 @@ class RewardModelJudge(ScoringJudge):
 
     @torch.no_grad()
     def scores(self, prompts, responses) -> list[float]:
-        from dpo_exp.data import collate_sequences, prompt_token_ids
-        from dpo_exp.data.chat import end_of_turn_id
-
         tok = self.tokenizer
-        end = end_of_turn_id(tok)  # a response ends as the policy's samples do: the template's end of turn, or EOS
-        end = tok.eos_token_id if end is None else end
+        if self.dpo_exp_model:  # as it was trained: prompt ids, response ids, its end token, scored there
+            from dpo_exp.data import prompt_token_ids
+            from dpo_exp.data.chat import end_of_turn_id
+
+            end = end_of_turn_id(tok)  # a response ends as the policy's samples do: the template's end of turn, or EOS
+            end = tok.eos_token_id if end is None else end
+            prompt_ids = [prompt_token_ids(tok, p) for p in prompts]
+            response_ids = [(tok.encode(r, add_special_tokens=False) + [end])[-self.max_length:] for r in responses]
+            return self.scorer.scores(prompt_ids, response_ids).tolist()
         out: list[float] = []
         for s in range(0, len(prompts), self.batch_size):
             chunk = list(zip(prompts[s:s + self.batch_size], responses[s:s + self.batch_size]))
-            if self.dpo_exp_model:  # as it was trained: prompt ids, response ids, its end token, scored there
-                prompt_ids = [prompt_token_ids(tok, p) for p, _ in chunk]
-                response_ids = [(tok.encode(r, add_special_tokens=False) + [end])[-self.max_length:]
-                                for _, r in chunk]
-                batch = collate_sequences(prompt_ids, response_ids, tok.pad_token_id)
-                out.extend(self.model.score(batch).float().cpu().tolist())
-            else:
-                enc = tok([p + r for p, r in chunk], return_tensors="pt", padding=True, truncation=True,
-                          max_length=self.max_length).to(self.device)
-                out.extend(self.model(**enc).logits[:, 0].float().cpu().tolist())
+            enc = tok([p + r for p, r in chunk], return_tensors="pt", padding=True, truncation=True,
+                      max_length=self.max_length).to(self.device)
+            out.extend(self.model(**enc).logits[:, 0].float().cpu().tolist())
         return out
 
 
@@ -203,3 +208,64 @@ def render(template: dict, comparison: Comparison) -> list[dict]:
     fields = {"prompt": comparison.prompt.strip(), "first": first.strip(), "second": second.strip()}
     messages = [{"role": "system", "content": template["system"].format(**fields)}] if template.get("system") else []
     return messages + [{"role": "user", "content": template["user"].format(**fields)}]
+
+
+# ---- judge=NAME ---------------------------------------------------------------------------------------
+
+@dataclass
+class JudgeContext:
+    """What a judge may be built from besides its own settings; each is asked for only by the judges that use
+    it (None: not available here, e.g. when calibrating against recorded verdicts there is no run)."""
+    gold_reward: Optional[Callable[[], Any]] = None       # the judged run's task's gold reward
+    reward_model: Optional[Callable[[], str]] = None      # the judged run's cached reward model folder
+    template: Callable[[], dict] = dict                   # the judging prompt (judge_prompt)
+    cache_dir: Path = Path("outputs/cache")               # where answers worth keeping are kept
+
+
+# judge=NAME selects one: a builder (judge config, JudgeContext) -> Judge, with its own config dataclass.
+JUDGES: Registry[Callable[[Any, JudgeContext], Judge]] = Registry("judge", "judge.name", group="judge")
+
+
+def _device(cfg) -> torch.device:
+    from dpo_exp.models import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+@JUDGES.register("gold", config=JudgeConfig)
+def gold_judge(cfg, context: JudgeContext) -> Judge:
+    if context.gold_reward is None:
+        raise ConfigError("judge=gold scores with a run's task; it cannot judge recorded verdicts")
+    return GoldJudge(context.gold_reward())
+
+
+@dataclass
+class RewardModelJudgeConfig(JudgeConfig):
+    path: Optional[str] = None   # a model folder or hub id; None: the judged run's cached reward model
+    batch_size: int = 32
+    max_length: int = 1024       # tokens of a scored text (longer ones are cut)
+    device: str = "auto"
+
+
+@JUDGES.register("reward_model", config=RewardModelJudgeConfig)
+def reward_model_judge(cfg, context: JudgeContext) -> Judge:
+    path = cfg.path
+    if path is None:
+        if context.reward_model is None:
+            raise ConfigError("judge=reward_model needs judge.path=... here (no run to take its reward model from)")
+        path = context.reward_model()
+    return RewardModelJudge(str(path), _device(cfg), cfg.batch_size, cfg.max_length)
+
+
+@dataclass
+class HFJudgeConfig(JudgeConfig):
+    path: str = "outputs/models/SmolLM2-135M-Instruct"  # a model folder or hub id
+    gguf_file: Optional[str] = None  # a GGUF file inside `path`
+    batch_size: int = 8
+    max_length: int = 2048           # tokens of a judging prompt (longer ones are cut at the start)
+    device: str = "auto"
+
+
+@JUDGES.register("hf", config=HFJudgeConfig)
+def hf_judge(cfg, context: JudgeContext) -> Judge:
+    return HFJudge(cfg.path, context.template(), _device(cfg), cfg.batch_size, cfg.gguf_file, cfg.max_length)

@@ -1,7 +1,8 @@
 """Models: building and loading (`loading`), chat templates and where responses end (`templates`), the one
 log-prob path (`logps`), sampling (`sampling`) and the scalar-head model behind reward and value models
 (`scalar_head`)."""
-from dpo_exp.models.loading import (AdapterDisabled, apply_lora, autocast, disable_dropout, find_blocks, freeze,
+from dpo_exp.distributed import find_blocks
+from dpo_exp.models.loading import (AdapterDisabled, apply_lora, autocast, disable_dropout, freeze,
                                     load_model, load_tokenizer, new_model, resolve_device, torch_dtype,
                                     train_tokenizer)
 from dpo_exp.models.logps import PairLogps, SequenceLogps, logps_of_samples, sequence_logps

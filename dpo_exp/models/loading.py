@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from dpo_exp.config import ConfigError
+from dpo_exp.distributed import launched_world_size
+from dpo_exp.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -19,11 +20,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def launched_world_size() -> int:
-    """WORLD_SIZE as torchrun (or the SLURM launcher) set it, before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,19 +150,3 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def find_blocks(model: nn.Module, block_class: str | None) -> list[nn.Module]:
-    """The transformer blocks of `model`: modules of class `block_class` (model.block_class), or of
-    the model's own `_no_split_modules` when it is null. These are the units FSDP shards.
-
-    Raises ValueError naming the classes the model does have when none match, so a misspelt
-    block_class fails when the model is built, not when sharding starts.
-    """
-    inner = getattr(model, "get_base_model", lambda: model)()  # a peft model: the wrapped transformer
-    names = {block_class} if block_class else set(getattr(inner, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        classes = sorted({type(m).__name__ for m in model.modules() if "Layer" in type(m).__name__
-                          or "Block" in type(m).__name__})
-        raise ValueError(f"model.block_class={block_class!r} matches no module of {type(inner).__name__}; "
-                         f"its layer classes are {classes or 'unknown'} (null: use the model's _no_split_modules)")
-    return blocks

@@ -8,7 +8,7 @@ sampling temperature (PPO's π_T = softmax(logits / T)).
 Only the positions that predict a real response token go through the LM head (a boolean
 `logits_to_keep`), so padding and prompt positions never cost a (V,)-wide row, and the
 kept logits are upcast to float32 before the log-softmax: a bf16 log-softmax measurably
-changes DPO training (reference.md §5: accuracy 0.75 vs 0.95).
+changes DPO training (reference.md §5).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from dpo_exp import distributed
-from dpo_exp.config import MASKED_ATTENTION, VARLEN_ATTENTION, ConfigError
-from dpo_exp.data import collate_sequences
-from dpo_exp.data.examples import layout_mask_mod, padded_targets
+from dpo_exp.errors import ConfigError
+from dpo_exp.data import Batch, collate_sequences
+from dpo_exp.data.examples import MASKED_ATTENTION, VARLEN_ATTENTION, layout_mask_mod
 from dpo_exp.models.sampling import Samples
 
 
@@ -56,13 +56,12 @@ class PairLogps:
         return cls(seq.logps[:b], seq.logps[b:], seq.lengths[:b], seq.lengths[b:])
 
 
-def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0, per_token: bool = False,
+def sequence_logps(model: PreTrainedModel, batch: Batch, temperature: float = 1.0, per_token: bool = False,
                    with_entropy: bool = False, chunk_tokens: Optional[int] = None) -> SequenceLogps:
     """log π_T(response | prompt) of every sequence of a batch in any layout (data.collate_sequences,
     data.collate_pairs with a PairLayout).
 
-    batch: input_ids, position_ids (N, L); attention_mask, an (N, L) padding mask or an (N, L, L) boolean
-    mask; the targets keep, source, labels, sequence, offset and lengths (data.examples). temperature:
+    batch: any layout's Batch (a padded one's targets are derived here). temperature:
     log-probs of softmax(logits / T) (T = 1: π itself). Per-token outputs are (S, R), each token at its offset.
     chunk_tokens: kept positions per LM-head chunk (None: the run's setting, set_logits_chunk_tokens); when the
     batch keeps more, the head's logits exist one chunk at a time (ChunkedHeadLogps).
@@ -70,12 +69,11 @@ def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0
     if temperature <= 0:
         raise ValueError(f"log-probs need a temperature > 0 (got {temperature})")
     device = next(model.parameters()).device
-    if "response_mask" in batch:  # left-padded: the targets follow from its rows
-        batch = {**batch, **padded_targets(batch["input_ids"], batch["response_mask"])}
+    batch = batch.with_targets()
     inputs = _model_inputs(model, batch, device)
-    source, labels, sequence = (batch[k].to(device) for k in ("source", "labels", "sequence"))
+    source, labels, sequence = batch.source.to(device), batch.labels.to(device), batch.sequence.to(device)
     head = chunkable_head(model)
-    kept = int(batch["keep"].sum())
+    kept = int(batch.keep.sum())
     chunk = chunk_size(head.out_features if head is not None else 0, chunk_tokens)
     if head is not None and 0 < chunk < kept:
         with _head_input_captured(head) as captured:
@@ -96,12 +94,12 @@ def sequence_logps(model: PreTrainedModel, batch: dict, temperature: float = 1.0
                 row_entropy = torch.logsumexp(logits, -1) - (F.softmax(logits, -1) * logits).sum(-1)
     if not token_logps.requires_grad:  # no backward will free the gathered root's weights (distributed.shard)
         distributed.reshard(unwrapped(model))
-    lengths = batch["lengths"].to(device)
+    lengths = batch.lengths.to(device)
     logps = torch.zeros(lengths.shape[0], dtype=token_logps.dtype, device=device).index_add(0, sequence, token_logps)
     result = SequenceLogps(logps, lengths)
     if per_token or with_entropy:
-        offset = batch["offset"].to(device)
-        width = (batch["response_mask"].shape[1] if "response_mask" in batch  # left-padded: its (N, R) layout
+        offset = batch.offset.to(device)
+        width = (batch.response_mask.shape[1] if batch.padded  # left-padded: its (N, R) layout
                  else int(offset.max()) + 1 if offset.numel() else 1)
         scatter = lambda values: torch.zeros((lengths.shape[0], width), dtype=values.dtype,  # noqa: E731
                                              device=device).index_put((sequence, offset), values)
@@ -120,8 +118,7 @@ class TokenLogps(torch.autograd.Function):
     Compared with a cross-entropy per target, nothing (K, V)-wide is kept for backward but the logits themselves
     (log-softmax keeps its output), a row may predict several targets (in a shared-prompt batch the prompt's last
     position predicts both responses' first tokens) without gathering its logits twice, and the backward is one
-    softmax scaled in place instead of a log-softmax backward plus a gather's zero-filled (K, V) gradient
-    (forward and backward at the benchmark's K = 1600, V = 8192, timed ad hoc: 18-21 ms against 31 ms).
+    softmax scaled in place instead of a log-softmax backward plus a gather's zero-filled (K, V) gradient.
     """
 
     @staticmethod
@@ -330,30 +327,30 @@ class ChunkedHeadLogps(torch.autograd.Function):
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
 
 
-def _model_inputs(model: PreTrainedModel, batch: dict, device: torch.device) -> dict:
+def _model_inputs(model: PreTrainedModel, batch: Batch, device: torch.device) -> dict:
     """The model's inputs for a batch, its mask as the model's attention takes it (MASKED_ATTENTION,
     VARLEN_ATTENTION): a padding mask as it is; a layout's (N, L, L) mask as (N, 1, L, L), boolean for sdpa (True:
     attend) and additive in the model's dtype for eager; for flex attention a BlockMask of the same rule, whose
     empty blocks (other pairs, the other response) are skipped; for FlashAttention no mask at all: the packed rows'
     tokens as one row, padding dropped, which transformers runs through the variable-length kernel with sequences
     told apart by their restarting positions (a shared prompt cannot be said that way)."""
-    inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
-              "logits_to_keep": batch["keep"].to(device)}
-    mask = batch["attention_mask"].to(device)
+    inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
+              "logits_to_keep": batch.keep.to(device)}
+    mask = batch.attention_mask.to(device)
     if mask.dim() == 2:
         return {**inputs, "attention_mask": mask}
     implementation = getattr(model_config(model), "_attn_implementation", None) or "eager"
     if implementation in VARLEN_ATTENTION:
-        if int(batch["segment"].max()) > 1:
+        if int(batch.segment.max()) > 1:
             raise ValueError(f"model.attn_implementation={implementation} takes no mask, so it cannot share a "
                              f"prompt between two responses; set trainer.share_prompt=false (trainer.pack still works)")
-        real = batch["block"].to(device) >= 0  # row-major, so the kept logits keep their order
+        real = batch.block.to(device) >= 0  # row-major, so the kept logits keep their order
         return {name: value[real].unsqueeze(0) for name, value in inputs.items()} | {"attention_mask": None}
     if implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
         n, width = mask.shape[:2]
-        rule = layout_mask_mod(batch["block"].to(device), batch["segment"].to(device))
+        rule = layout_mask_mod(batch.block.to(device), batch.segment.to(device))
         return {**inputs, "attention_mask": create_block_mask(rule, n, None, width, width, device=device)}
     mask = mask.unsqueeze(1)
     if implementation == "sdpa":

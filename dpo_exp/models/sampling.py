@@ -49,10 +49,10 @@ def sample(model: PreTrainedModel, tokenizer, prompt_ids: Sequence[list[int]], m
             decoding = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0
                         else dict(do_sample=False, temperature=None, top_k=None, top_p=None))
             out = model.generate(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stops, synced_gpus=synced, **decoding)
-            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            for row in out[:, batch.input_ids.shape[1]:].tolist():
                 end = next((i for i, token in enumerate(row) if token in stops), None)
                 responses.append(row if end is None else row[:end + 1])
         return responses

@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from dpo_exp.data import Batch
 from dpo_exp.models.loading import disable_dropout, load_model
 
 HEAD_FILE = "score_head.safetensors"
@@ -66,32 +67,32 @@ class ScalarHeadModel(nn.Module):
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # float32 head even under bf16 autocast
             return self.head(hidden.float()).squeeze(-1)
 
-    def forward_batch(self, batch: dict) -> torch.Tensor:
+    def forward_batch(self, batch: Batch) -> torch.Tensor:
+        """(B, L) raw scalars of a padded batch's rows."""
         device = self.head.weight.device
-        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                    batch["position_ids"].to(device))
+        return self(batch.input_ids.to(device), batch.attention_mask.to(device), batch.position_ids.to(device))
 
-    def raw_score(self, batch: dict) -> torch.Tensor:
+    def raw_score(self, batch: Batch) -> torch.Tensor:
         """(B,) scalar at each row's end token (see the class docstring) of a left-padded batch."""
-        if not bool(batch["attention_mask"][:, -1].all()):
+        if not batch.padded or not bool(batch.attention_mask[:, -1].all()):
             raise ValueError("ScalarHeadModel.score expects left-padded batches (data.collate_sequences)")
         scalars = self.forward_batch(batch)
         return scalars.gather(1, self.end_columns(batch).to(scalars.device)[:, None]).squeeze(1)
 
-    def end_columns(self, batch: dict) -> torch.Tensor:
+    def end_columns(self, batch: Batch) -> torch.Tensor:
         """(B,) column of each row's end token: its response's first end id, else the last column."""
-        ids = batch["input_ids"]
+        ids = batch.input_ids
         width = ids.shape[1]
         last = torch.full((ids.shape[0],), width - 1, dtype=torch.long, device=ids.device)
-        if not self.end_ids or "response_mask" not in batch:
+        if not self.end_ids:
             return last
-        mask = batch["response_mask"].to(ids.device)                        # (B, R), the last R columns
+        mask = batch.response_mask.to(ids.device)                        # (B, R), the last R columns
         responses = mask.shape[1]
         ends = torch.isin(ids[:, width - responses:], torch.tensor(self.end_ids, device=ids.device)) & mask
         first = ends.long().argmax(-1)                                     # the first end token (argmax: first max)
         return torch.where(ends.any(-1), width - responses + first, last)
 
-    def score(self, batch: dict) -> torch.Tensor:
+    def score(self, batch: Batch) -> torch.Tensor:
         """(B,) normalised score: raw − offset."""
         return self.raw_score(batch) - self.offset
 

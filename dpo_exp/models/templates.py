@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dpo_exp.config import ConfigError
+from dpo_exp.errors import ConfigError
 from dpo_exp.data.chat import end_of_turn_id, special_tokens
+from dpo_exp.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,10 @@ ALPACA = ChatTemplate(
     "{%- if add_generation_prompt %}{{- '### Response:\\n' }}{%- endif %}",
     ())
 
-TEMPLATES = {t.name: t for t in (CHATML, LLAMA3, ZEPHYR, ALPACA)}
+# model.chat_template=NAME selects one (or a Jinja file's path).
+TEMPLATES: Registry[ChatTemplate] = Registry("chat template", "model.chat_template")
+for _template in (CHATML, LLAMA3, ZEPHYR, ALPACA):
+    TEMPLATES.add(_template.name, _template)
 
 # A Jinja file's control tokens: `<|...|>` markers in its text (`<|im_start|>`, `<|eot_id|>`).
 _CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_.\-]+\|>")

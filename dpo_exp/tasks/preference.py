@@ -11,16 +11,33 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+from dpo_exp.config import TaskConfig, Truncation
 from dpo_exp.data import formats
-from dpo_exp.config import Truncation
+from dpo_exp.errors import ConfigError
 from dpo_exp.data import PreferencePair
 from dpo_exp.models import train_tokenizer
 from dpo_exp.rewards import gold_reward
+from dpo_exp.tasks.base import TASKS
 
 
+def validate_preference_task(cfg: Any) -> None:
+    if cfg.data.excerpt_tokens is not None:
+        raise ConfigError(f"data.excerpt_tokens={cfg.data.excerpt_tokens} cuts task=sentiment's SFT reviews at a "
+                          "sentence end: it needs task=sentiment (got preference, whose responses are trained on "
+                          "whole); null keeps whole texts")
+
+
+@TASKS.register("preference", config=TaskConfig, validate=validate_preference_task)
 class PreferenceTask:
     name = "preference"
+
+    @classmethod
+    def judge_prompt(cls, cfg) -> str:
+        """The file layout's (summary for TL;DR, dialogue otherwise)."""
+        layout = cfg.data.format if cfg.data.format not in (None, "auto") else cfg.data.name
+        return formats.LAYOUTS[layout].judge_prompt if layout in formats.LAYOUTS else "dialogue"
 
     def __init__(self, cfg):
         self.cfg = cfg

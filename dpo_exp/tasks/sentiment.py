@@ -9,19 +9,55 @@ from __future__ import annotations
 import itertools
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
-from dpo_exp.config import ConfigError, TruncatedSamples
+from dpo_exp.config import TaskConfig, TruncatedSamples
+from dpo_exp.errors import ConfigError
 from dpo_exp.data import formats
 from dpo_exp.data import PreferencePair, prompt_token_ids
 from dpo_exp.models import load_model, resolve_device, sample, torch_dtype, train_tokenizer
 from dpo_exp.rewards import gold_reward
+from dpo_exp.tasks.base import TASKS
 from dpo_exp.tasks.synthetic_reviews import corpus
 
 
+@dataclass
+class SentimentTaskConfig(TaskConfig):
+    gold_reward: Optional[str] = "vader"
+    prompt_min_tokens: int = 2
+    prompt_max_tokens: int = 8
+    num_train_prompts: int = 512
+    num_eval_pair_prompts: int = 64
+    samples_per_prompt: int = 4
+    min_reward_gap: float = 0.0
+    truncated_samples: TruncatedSamples = TruncatedSamples.drop
+
+
+def validate_sentiment(cfg: Any) -> None:
+    """Sampled pairs keep their exact tokens, so a prompt and a whole sample must fit in data.max_length."""
+    g = cfg.task.generation
+    prompt_room = cfg.task.prompt_max_tokens + 1  # the prefix and a BOS
+    if cfg.data.max_prompt_length < prompt_room or cfg.data.max_length < prompt_room + g.max_new_tokens:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} (data.max_prompt_length={cfg.data.max_prompt_length}) must "
+            f"hold a prompt of task.prompt_max_tokens={cfg.task.prompt_max_tokens} tokens plus BOS and a sample of "
+            f"task.generation.max_new_tokens={g.max_new_tokens}: set data.max_length>={prompt_room + g.max_new_tokens}")
+    n = cfg.data.excerpt_tokens
+    if n is not None and not 0 < n < cfg.sft.max_length:
+        raise ConfigError(f"data.excerpt_tokens={n} cuts task=sentiment's SFT reviews at a sentence end: it needs "
+                          f"0 < data.excerpt_tokens < sft.max_length={cfg.sft.max_length}; null keeps whole texts")
+
+
+@TASKS.register("sentiment", config=SentimentTaskConfig, validate=validate_sentiment)
 class SentimentTask:
     name = "sentiment"
     keep_prompt_end = True
+
+    @classmethod
+    def judge_prompt(cls, cfg) -> str:
+        return "review"
 
     def __init__(self, cfg):
         self.cfg = cfg
