@@ -316,6 +316,8 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
     if not OmegaConf.has_resolver("dpo_exp.run_dir"):
         OmegaConf.register_new_resolver("dpo_exp.run_dir", run_dir_name, use_cache=True)
+    if not OmegaConf.has_resolver("dpo_exp.or"):  # ${dpo_exp.or:${a},b}: a, or b where a is null
+        OmegaConf.register_new_resolver("dpo_exp.or", lambda value, default: default if value is None else value)
 
 
 def run_dir_name(run_name: Optional[str], experiment_name: str) -> str:

@@ -267,6 +267,20 @@ def agree_on_run_directory(cfg) -> None:
         OmegaConf.update(cfg, "paths.output_dir", chosen)
 
 
+def record_the_model_that_runs(cfg) -> None:
+    """model.architecture builds a model only when model.name_or_path is null; a run that loads a checkpoint
+    (debug=smoke model.name_or_path=..., which keeps the smoke budget's tiny architecture) records no
+    architecture, in its config and in the .hydra/config.yaml Hydra wrote before the run started."""
+    if not (cfg.model.name_or_path and cfg.model.architecture):
+        return
+    OmegaConf.update(cfg, "model.architecture", {}, merge=False)
+    recorded = Path(cfg.paths.output_dir) / ".hydra" / "config.yaml"
+    if distributed.is_main() and recorded.is_file():
+        composed = OmegaConf.load(recorded)
+        composed.model = OmegaConf.to_container(cfg.model, resolve=True)
+        OmegaConf.save(composed, recorded)
+
+
 def check_resume(cfg) -> None:
     """trainer.resume=false refuses to continue a run: a run directory that already holds checkpoints is an
     error, never silently trained over."""

@@ -26,8 +26,8 @@ from dpo_exp.loggers import is_main_process
 from dpo_exp.loop import Preempted, seed_everything
 from dpo_exp.models import resolve_device
 from dpo_exp.models.logps import set_logits_chunk_tokens
-from dpo_exp.pipeline import (agree_on_run_directory, build_logger, check_resume, prepare, report_cached_stage,
-                              train_algorithm)
+from dpo_exp.pipeline import (agree_on_run_directory, build_logger, check_resume, prepare, record_the_model_that_runs,
+                              report_cached_stage, train_algorithm)
 from dpo_exp.stages import stage_costs, stages_paid
 from dpo_exp.validation import algorithm_of, validate
 
@@ -42,6 +42,7 @@ def run(cfg: DictConfig) -> dict:
     distributed.adopt_submitit_environment()
     distributed.init(resolve_device(cfg.trainer.device).type == "cuda", cfg.trainer.fsdp.timeout_minutes)
     agree_on_run_directory(cfg)
+    record_the_model_that_runs(cfg)
     check_resume(cfg)
     started = time.perf_counter()
     seed_everything(cfg.seed)

@@ -220,3 +220,8 @@ def test_a_sharegpt_file_trains_a_llama_style_base_model_with_a_jinja_file_throu
     assert final.get_input_embeddings().num_embeddings == len(fam.tokenizer) + 3  # the three header/turn tokens
     samples = read_jsonl(run / "samples.jsonl")
     assert samples and all(r["prompt"].startswith("<s><|start_header_id|>system<|end_header_id|>\n\n") for r in samples)
+    # the recorded config is the one that ran: the given model, not the smoke budget's tiny architecture
+    from omegaconf import OmegaConf
+
+    recorded = OmegaConf.load(run / ".hydra" / "config.yaml").model
+    assert recorded.name == str(base) and recorded.name_or_path == str(base) and not recorded.architecture
