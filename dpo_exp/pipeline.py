@@ -291,8 +291,13 @@ def check_resume(cfg) -> None:
 
 
 def report_cached_stage(cfg, prep: Prepared, logger: RunLogger) -> dict:
-    """An algorithm whose product is a shared cache entry (the reward model): find or train it, report it."""
+    """An algorithm whose product is a shared cache entry (the reward model): find or train it, and report it in
+    the run's own folder and W&B run: its training curves and its final evaluation."""
     folder = reward_model_dir(cfg, prep)
+    curves = folder / "metrics.jsonl"  # its training curves (train/loss, train/accuracy, ...) as it was trained
+    for line in curves.read_text().splitlines() if curves.exists() else []:
+        row = json.loads(line)
+        logger.log({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
     metrics = json.loads((folder / "final_metrics.json").read_text())
     logger.log(metrics, int(metrics.get("step", 0)))
     return {**metrics, "steps": int(metrics.get("step", 0)), "reward_model": str(folder)}

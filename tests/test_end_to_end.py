@@ -234,6 +234,10 @@ def test_reward_model_then_ppo_and_online_dpo_reuse_one_cached_reward_model(smok
     assert f"held-out mean margin r(y_w) - r(y_l): {rm['eval/margin']:.4f}" in lines
     assert not any("n/a" in line or "gold reward" in line or "beta" in line for line in lines)
     entry = next((cache / "reward_model").glob("*/COMPLETE"))
+    # its training curves are in the run's own folder too, as the cache entry recorded them
+    curves = [r for r in read_jsonl(tmp_path / "rm" / "metrics.jsonl") if "train/loss" in r]
+    assert curves and curves == [r for r in read_jsonl(entry.parent / "metrics.jsonl") if "train/loss" in r]
+    assert {"train/accuracy", "train/margin"} <= set(curves[-1])
     built_at = entry.stat().st_mtime_ns
     cfg = smoke_cfg("loss=ppo", f"paths.cache_dir={cache}", f"paths.output_dir={tmp_path / 'ppo'}",
                     "trainer.count_flops=true")
