@@ -1,4 +1,4 @@
-"""Write one small preference file per layout that `data=pairs` reads, to try them (README, "Bring your own data").
+"""Write one small preference file per layout that `data=pairs` reads, to try them (docs/data.md).
 
     python scripts/example_preference_files.py --out outputs/examples
 

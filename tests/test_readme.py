@@ -1,7 +1,11 @@
-"""The README is a contract: every shell command in its ```bash blocks runs as written.
+"""The documentation is a contract: every shell command in the ```bash blocks of README.md and docs/**/*.md runs
+as written.
 
-Commands are read from README.md itself, so a newly documented command is covered without editing
-this file. Each kind of command is handled one way, and a command of no known kind fails the test:
+Commands are read from the documents themselves, so a newly documented command is covered without editing this
+file. They are taken in reading order: README.md, then the guides and result pages in the order the README's
+"Guides" and "Results" lists link them, then any other page under docs/. A command shown in several places (a
+guide's command repeated on the result page it produced) is checked once, where it first appears. Inline code is
+not read. Each kind of command is handled one way, and a command of no known kind fails the test:
 
 - `pip install ...`: not run (CI installs); every extra it names must exist in pyproject.toml.
 - `python -m pytest ...`: this suite.
@@ -21,6 +25,9 @@ this file. Each kind of command is handled one way, and a command of no known ki
   (a folder under outputs/ it reads must exist by then: the command before must have made it); a file
   it is told to write (-o / --out / --json) must appear. Scripts that download (fetch_smollm2.py) are
   checked with --help instead; the benchmark gets a smoke budget (SCRIPT_BUDGET).
+
+Besides the commands: every relative link between the documents must reach a file and, if it names one, a
+heading that exists; every guide and result page must be linked from the README; the README stays a first page.
 """
 from __future__ import annotations
 
@@ -42,30 +49,54 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT, SHARED_DATA, assert_valid_hub_ids, compose_judging, hub_values, is_local_path, run_cli
-from dpo_exp.config import register_configs, validate
+from dpo_exp.components import register_configs
+from dpo_exp.validation import validate
 
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+README_MAX_LINES = 250  # the guide's first page; the rest lives in docs/
 register_configs()
 
 # Scripts that fetch from the network: their flags are checked against --help instead of running them.
 DOWNLOADS = {"scripts/fetch_smollm2.py"}
-# Extra arguments that give a script a smoke budget (appended, so they win over the README's).
+# Extra arguments that give a script a smoke budget (appended, so they win over the documented ones).
 # The benchmark's smoke budget runs its default row against TRL's fp32 (the strict loss check) and the scaling
 # table's smallest shape (a process per row and a FLOP-count process per table row: all would take ten minutes),
-# TRL as shipped only (--trl-allocator both doubles its rows; run by hand, see README).
+# TRL as shipped only (--trl-allocator both doubles its rows; run by hand: docs/results/throughput_vs_trl.md).
 SCRIPT_BUDGET = {"scripts/bench_dpo.py": ["--steps", "3", "--warmup-steps-excluded", "1", "--pairs", "16",
                                           "--repeats", "1", "--rows", "fp32", "--scaling-steps", "3",
                                           "--shapes", "128", "--trl-allocator", "default"]}
 OUTPUT_FLAGS = ("-o", "--out", "--json")
 
 
+def _reading_order_links(text: str) -> list[str]:
+    """docs/ pages in the order the README's "Guides" and "Results" lists link them (the whole README if it has
+    no such list), each once."""
+    start = text.find("\n## Guides")
+    links = re.findall(r"\]\((docs/[^)#\s]+\.md)", text[start:] if start >= 0 else text)
+    return list(dict.fromkeys(links))
+
+
+def documents() -> list[Path]:
+    """README.md, then every docs/**/*.md in reading order."""
+    linked = [ROOT / link for link in _reading_order_links(README.read_text())]
+    rank = {path: i for i, path in enumerate(linked)}
+    pages = sorted(DOCS.rglob("*.md"), key=lambda p: (rank.get(p, len(rank)), p.as_posix()))
+    return [README, *pages]
+
+
 @dataclass(frozen=True)
 class Command:
-    line: int        # README line number
+    file: str        # the document, relative to the repository
+    line: int        # its line number there
     argv: tuple[str, ...]
 
     def __str__(self) -> str:
-        return f"README.md:{self.line}: {shlex.join(self.argv)}"
+        return f"{self.file}:{self.line}: {shlex.join(self.argv)}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.file}:{self.line}"
 
     @property
     def kind(self) -> str:
@@ -85,10 +116,11 @@ class Command:
         return "unknown"
 
 
-def readme_commands() -> list[Command]:
-    """Every command of every ```bash block (`a && b` is two commands), comments dropped."""
+def commands_in(path: Path) -> list[Command]:
+    """Every command of every ```bash block of one document (`a && b` is two commands), comments dropped."""
     commands, lang = [], None
-    for number, line in enumerate(README.read_text().splitlines(), 1):
+    name = path.relative_to(ROOT).as_posix()
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.startswith("```"):
             lang = line[3:].strip() if lang is None else None
             continue
@@ -96,11 +128,24 @@ def readme_commands() -> list[Command]:
             for part in line.split("&&"):
                 argv = shlex.split(part, comments=True)
                 if argv:
-                    commands.append(Command(number, tuple(argv)))
+                    commands.append(Command(name, number, tuple(argv)))
     return commands
 
 
-COMMANDS = readme_commands()
+def every_occurrence() -> list[Command]:
+    """Every documented command in reading order, repeats included."""
+    return [c for path in documents() for c in commands_in(path)]
+
+
+def documented_commands() -> list[Command]:
+    """Every documented command once, where it first appears in reading order."""
+    first: dict[tuple[str, ...], Command] = {}
+    for command in every_occurrence():
+        first.setdefault(command.argv, command)
+    return list(first.values())
+
+
+COMMANDS = documented_commands()
 TRAIN = [c for c in COMMANDS if c.kind == "train"]
 TORCHRUN = [c for c in COMMANDS if c.kind == "torchrun"]
 
@@ -173,23 +218,25 @@ def at_smoke_budget(overrides: list[str]) -> list[str]:
 
 # ---- every command is of a known kind, and every train command composes ---------------------------
 
-def test_the_readme_documents_commands_of_known_kinds():
+def test_the_docs_document_commands_of_known_kinds():
     assert len(TRAIN) >= 20
     unknown = [str(c) for c in COMMANDS if c.kind == "unknown"]
-    assert not unknown, "README commands this test does not know how to check:\n" + "\n".join(unknown)
+    assert not unknown, "documented commands this test does not know how to check:\n" + "\n".join(unknown)
+    readme = commands_in(README)
+    assert any(c.kind == "tests" for c in readme), "the README says how to run the tests"
 
 
-def test_every_extra_the_readme_installs_exists():
+def test_every_extra_the_docs_install_exists():
     extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
     for command in (c for c in COMMANDS if c.kind == "install"):
         for word in command.argv[2:]:
             if match := re.fullmatch(r"\.\[([\w,-]+)\]", word):
                 assert set(match.group(1).split(",")) <= extras, command
-    quickstart = next(c for c in COMMANDS if c.kind == "install")
+    quickstart = next(c for c in commands_in(README) if c.kind == "install")
     assert quickstart.argv[2].startswith("torch=="), "install torch first: an unpinned torch pulls the CUDA build"
 
 
-@pytest.mark.parametrize("command", TRAIN + TORCHRUN, ids=[f"line{c.line}" for c in TRAIN + TORCHRUN])
+@pytest.mark.parametrize("command", TRAIN + TORCHRUN, ids=[c.id for c in TRAIN + TORCHRUN])
 def test_every_documented_train_command_composes_validates_and_names_valid_hub_ids(command):
     overrides, _ = train_overrides(command)
     for job in expand_sweeps(overrides):
@@ -236,7 +283,7 @@ def run_script(argv: list[str]) -> str:
 
 
 def written_before(command: Command) -> set[str]:
-    """Paths that README commands before this one are told to write (-o / --out / --json)."""
+    """Paths that documented commands before this one are told to write (-o / --out / --json)."""
     paths = set()
     for earlier in COMMANDS[:COMMANDS.index(command)]:
         a = earlier.argv
@@ -295,7 +342,7 @@ def check_torchrun(command: Command, repo: Path) -> str:
 JUDGE = [c for c in COMMANDS if c.kind == "judge"]
 
 
-@pytest.mark.parametrize("command", JUDGE, ids=[f"line{c.line}" for c in JUDGE])
+@pytest.mark.parametrize("command", JUDGE, ids=[c.id for c in JUDGE])
 def test_every_documented_judge_command_composes(command):
     cfg = compose_judging(*command.argv[3:], "cache_dir=/tmp/dpo_exp_readme_judge_cache")
     assert cfg.runs or cfg.calibrate, f"{command}: judges nothing"
@@ -316,7 +363,7 @@ def check_judge(command: Command, repo: Path) -> str:
             assert (repo / path).exists(), f"{command}: reads {path}, which no command before it made"
     run_cli(*overrides, f"cache_dir={repo / 'outputs' / 'cache'}", module="dpo_exp.judge")
     if not cfg.calibrate:
-        from dpo_exp.judge import expand_runs
+        from dpo_exp.judging.winrates import expand_runs
 
         for run in expand_runs([repo / r for r in cfg.runs]):
             assert (run / "winrates.json").is_file(), f"{command}: no winrates.json in {run}"
@@ -390,8 +437,9 @@ def test_every_documented_command_runs_in_order_from_a_fresh_checkout(checkout, 
 def test_the_on_invalid_error_example_is_what_the_code_prints():
     from dpo_exp.data import formats
 
-    quoted = re.search(r"naming file, line and field \(`([^`]+)`\)", README.read_text())
-    assert quoted, "the README's data.on_invalid=error example"
+    pattern = r"naming file, line and field \(`([^`]+)`\)"
+    quoted = next((m for path in documents() if (m := re.search(pattern, path.read_text()))), None)
+    assert quoted, "the docs' data.on_invalid=error example"
     file_name = quoted.group(1).split(":")[0]
     path = SHARED_DATA / "ultrafeedback" / file_name
     if not path.exists():
@@ -402,15 +450,15 @@ def test_the_on_invalid_error_example_is_what_the_code_prints():
 
 
 def test_documented_commands_write_into_outputs_never_over_committed_files():
-    """A README command run as documented (at any budget) must not replace a committed file such as the measured
+    """A documented command run as written (at any budget) must not replace a committed file such as the measured
     figures in docs/: everything a command writes (-o, --out, --json) goes under outputs/."""
-    written = [(c, c.argv[i + 1]) for c in readme_commands() for i, w in enumerate(c.argv[:-1]) if w in OUTPUT_FLAGS]
-    assert written, "no README command names an output; the check would be empty"
+    written = [(c, c.argv[i + 1]) for c in every_occurrence() for i, w in enumerate(c.argv[:-1]) if w in OUTPUT_FLAGS]
+    assert written, "no documented command names an output; the check would be empty"
     assert [f"{c}: writes {path}" for c, path in written if not path.startswith("outputs/")] == []
 
 
 def test_the_documented_reward_model_users_reuse_the_documented_reward_model():
-    """The README says one cached reward model serves PPO and online DPO: the commands that train on a reward model
+    """The docs say one cached reward model serves PPO and online DPO: the commands that train on a reward model
     (outside presets) must name the reward-model command's settings, or each would train a reward model of its own."""
     def uses_reward_model(args: list[str]) -> bool:
         if any(a.startswith("experiment=") for a in args):
@@ -425,3 +473,64 @@ def test_the_documented_reward_model_users_reuse_the_documented_reward_model():
             settings[str(command)] = sorted(a for a in args if a.startswith("reward_model."))
     assert len(settings) >= 3, settings
     assert len({tuple(s) for s in settings.values()}) == 1, settings
+
+
+# ---- the documents hang together ----------------------------------------------------------------------
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a Markdown document's headings (lower case, punctuation dropped, spaces to hyphens,
+    a repeated heading numbered)."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+)$", _without_code_blocks(text), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def _without_code_blocks(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
+def relative_links(path: Path) -> list[tuple[str, str]]:
+    """(target, anchor) of every link and image of a document that points inside the repository."""
+    text = re.sub(r"`[^`\n]*`", "", _without_code_blocks(path.read_text()))  # code is not a link
+    links = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        links.append((file, anchor))
+    return links
+
+
+def test_every_relative_link_in_the_docs_reaches_a_file_and_heading():
+    broken = []
+    for path in documents():
+        for file, anchor in relative_links(path):
+            target = (path.parent / file).resolve() if file else path
+            if not target.exists():
+                broken.append(f"{path.relative_to(ROOT)}: {file} does not exist")
+            elif anchor and target.suffix == ".md" and anchor not in heading_anchors(target.read_text()):
+                broken.append(f"{path.relative_to(ROOT)}: {file or path.name} has no heading #{anchor}")
+    assert not broken, "links that lead nowhere:\n" + "\n".join(broken)
+
+
+def test_the_link_check_sees_a_broken_anchor(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# A `title`: here\n\n[ok](#a-title-here) [bad](#nowhere) [file](other.md)\n")
+    assert heading_anchors(page.read_text()) == {"a-title-here"}
+    assert relative_links(page) == [("", "a-title-here"), ("", "nowhere"), ("other.md", "")]
+
+
+def test_every_guide_and_result_page_is_linked_from_the_readme():
+    linked = {ROOT / link for link in _reading_order_links(README.read_text())}
+    pages = {p for p in DOCS.rglob("*.md")}
+    assert sorted(str(p.relative_to(ROOT)) for p in pages - linked) == []
+
+
+def test_the_readme_stays_a_first_page():
+    lines = len(README.read_text().splitlines())
+    assert lines <= README_MAX_LINES, (f"README.md has {lines} lines; it is the guide's first page "
+                                       f"(at most {README_MAX_LINES}): move detail into docs/")
