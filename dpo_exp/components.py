@@ -63,7 +63,9 @@ def register_configs() -> None:
     schemas, and the run-directory resolver."""
     from dpo_exp.config import register_configs as register_schema
     from dpo_exp.judging.config import register_judging_configs
+    from dpo_exp.resolvers import register_resolvers
 
     register_schema()
     register_judging_configs()
+    register_resolvers()
     load()

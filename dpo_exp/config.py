@@ -10,13 +10,12 @@ This module is a leaf: it imports nothing of dpo_exp.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 class Choice(str, Enum):
     """A config option spelled as a string; prints (and interpolates, e.g. in experiment_name) as its value."""
@@ -311,31 +310,6 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the top-level schema (conf/config.yaml lists it first in its defaults) and the run-directory
-    resolver. The components' own schemas are registered where the components are (dpo_exp.components)."""
+    """Register the top-level schema (conf/config.yaml lists it first in its defaults). The components' own
+    schemas and the resolvers are registered by dpo_exp.components.register_configs."""
     ConfigStore.instance().store(name="config_schema", node=Config)
-    if not OmegaConf.has_resolver("dpo_exp.run_dir"):
-        OmegaConf.register_new_resolver("dpo_exp.run_dir", run_dir_name, use_cache=True)
-    if not OmegaConf.has_resolver("dpo_exp.or"):  # ${dpo_exp.or:${a},b}: a, or b where a is null
-        OmegaConf.register_new_resolver("dpo_exp.or", lambda value, default: default if value is None else value)
-
-
-def run_dir_name(run_name: Optional[str], experiment_name: str) -> str:
-    """A single run's folder under outputs/runs/, the same for every rank and every restart where it can be:
-    run_name when given (rerunning the same command then resumes); else the SLURM job id (stable across
-    requeues) or torchrun's rendezvous id (shared by all ranks); else the start time."""
-    if run_name:
-        return str(run_name)
-    env = os.environ
-    if env.get("SLURM_JOB_ID"):
-        job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_JOB_ID")
-               else env["SLURM_JOB_ID"])
-        return f"slurm-{job}_{experiment_name}"
-    if int(env.get("WORLD_SIZE", "1")) > 1 and env.get("TORCHELASTIC_RUN_ID"):
-        run_id = env["TORCHELASTIC_RUN_ID"]
-        if run_id == "none":  # torchrun without --rdzv-id or --standalone: the node's agent process names it
-            import socket
-            run_id = f"{socket.gethostname()}-{os.getppid()}"
-        return f"torchrun-{run_id}_{experiment_name}"
-    import datetime
-    return datetime.datetime.now().strftime(f"%Y-%m-%d/%H-%M-%S_{experiment_name}")

@@ -221,7 +221,7 @@ def test_a_diverging_run_skips_non_finite_steps_then_stops_naming_the_step_and_m
 
 
 def test_run_directory_names_are_stable_across_restarts(monkeypatch):
-    from dpo_exp.config import run_dir_name
+    from dpo_exp.resolvers import run_dir_name
 
     for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
