@@ -19,7 +19,9 @@ The rules that keep N ranks equal to one process:
   (a rank whose sequences have all ended keeps joining the forward passes until every rank is done),
   so no rank ever gathers the full weights for itself and nothing hangs.
 - Decisions that must agree (skip a step, stop on SIGTERM, resume from which checkpoint) are made from
-  reduced values or from files every rank reads after a barrier. Only rank 0 writes files and logs.
+  reduced values, from files every rank reads after a barrier, or by rank 0 and broadcast (which checkpoint is
+  intact). Only rank 0 writes files and logs, except each rank's checkpoint shards; a write the machine refuses
+  on one rank stops every rank (`together`).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dpo_exp.errors import WriteFailed, writing
 from dpo_exp.metrics import MetricSums
 
 _alone = 0  # > 0 inside `alone()`: this rank works as a single process
@@ -168,6 +171,34 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def together(work: Callable[[], Any], path, intact: str = "",
+             cleanup: Optional[Callable[[], None]] = None) -> list:
+    """work() on every rank, then every rank's result in rank order (on every rank: a synchronisation point, like a
+    barrier). A write the machine refused (errors.writing, naming `path` and `intact`) on any rank raises WriteFailed
+    on every rank, after `cleanup` ran on rank 0 (removing what was half written): a rank that went on alone would
+    wait at the next collective until it timed out."""
+    error, result = None, None
+    try:
+        with writing(path, intact):
+            result = work()
+    except WriteFailed as err:
+        error = err
+    if world_size() == 1:
+        reports: list = [(result, None)]
+    else:
+        report = None if error is None else (error.path, error.cause.errno, error.cause.strerror, error.intact)
+        reports = gather_objects((result, report))
+    failed = next((report for _, report in reports if report is not None), None)
+    if error is not None or failed is not None:
+        if cleanup is not None and is_main():
+            cleanup()
+        if error is not None:
+            raise error
+        where, code, reason, what = failed
+        raise WriteFailed(where, OSError(code, reason), what)
+    return [value for value, _ in reports]
 
 
 def step_slice(n: int) -> np.ndarray:

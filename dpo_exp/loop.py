@@ -461,20 +461,23 @@ class Loop:
 
     def save_checkpoint(self, path: Path, final: bool = False) -> None:
         """A resumable checkpoint (dpo_exp.checkpoint); `final` also exports the run's model in Hugging Face
-        format (save_pretrained, with the tokenizer) and other trained models in sub-folders (e.g. value/)."""
+        format (save_pretrained, with the tokenizer) and other trained models in sub-folders (e.g. value/). A write
+        the machine refuses raises WriteFailed naming the newest checkpoint, which a rerun resumes from."""
         def export(folder: Path) -> None:  # on every rank: a sharded model's weights are gathered to rank 0
             for i, model in enumerate(self.trained):
                 distributed.save_pretrained(model.module, folder if i == 0 else folder / model.name)
             if self.tokenizer is not None and distributed.is_main():
                 self.tokenizer.save_pretrained(folder)
 
-        checkpoint.save(path, self.trained, self.loop_state(), self.run_config, export if final else None)
+        checkpoint.save(path, self.trained, self.loop_state(), self.run_config, export if final else None,
+                        intact=self.last_checkpoint)
         self.last_checkpoint = path
         checkpoint.prune(self.checkpoints, self.settings.keep_checkpoints)
 
     def restore(self) -> None:
-        """Continue from the newest complete checkpoint, if there is one, after checking that it was written by
-        this run's config; metrics.jsonl and samples.jsonl are cut back to what that checkpoint had seen."""
+        """Continue from the newest intact checkpoint (checkpoint.latest: damaged ones are skipped), if there is one,
+        after checking that it was written by this run's config; metrics.jsonl and samples.jsonl are cut back to what
+        that checkpoint had seen."""
         path = checkpoint.latest(self.checkpoints)
         if path is None:
             return

@@ -24,7 +24,8 @@ from dpo_exp import checkpoint, distributed
 from dpo_exp.algorithms import Needs, Resources
 from dpo_exp.cache import get_or_build
 from dpo_exp.data import PairLayout, prompt_token_ids, tokenize_dataset
-from dpo_exp.errors import ConfigError, DataFileError
+from dpo_exp.data.files import check_readable
+from dpo_exp.errors import ConfigError, DataFileError, writing
 from dpo_exp.evaluation import EvalPrompts, Evaluator
 from dpo_exp.loggers import FileSink, RunLogger, WandbSink, is_main_process
 from dpo_exp.loop import Diverged, Loop, LoopSettings, seed_everything
@@ -74,9 +75,18 @@ def data_source(cfg) -> str:
     return d.path or (f"{d.hub_name}[{d.train_split}]" if d.hub_name else f"data={d.name}")
 
 
+def check_data_files(data) -> None:
+    """data.path and data.eval_path exist and their first rows parse, before any stage runs: a wrong name or a
+    broken file fails in seconds, not after π_SFT has trained (a held-out file is otherwise first read then)."""
+    for path in (data.path, data.eval_path):
+        if path:
+            check_readable(path)
+
+
 def prepare(cfg) -> Prepared:
     device = resolve_device(cfg.trainer.device)
     task = build_task(cfg)
+    check_data_files(cfg.data)
     sft_dir = sft_policy(cfg, task)
     tokenizer = load_tokenizer(tokenizer_source(cfg, sft_dir), cfg.model.trust_remote_code)
     train_pairs, eval_pairs, skipped = preference_data(cfg, task, sft_dir, tokenizer)
@@ -227,9 +237,10 @@ def save_merged_lora(cfg, policy, tokenizer, output_dir: Path, sft_dir: str) -> 
         base = load_model(sft_dir, torch_dtype(cfg.model.policy_dtype), cfg.model.attn_implementation,
                           cfg.model.trust_remote_code)
         merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
-    if distributed.is_main():
-        merged.save_pretrained(final / "merged")
-        tokenizer.save_pretrained(final / "merged")
+    if distributed.is_main():  # refused: checkpoints/final stays whole, a rerun resumes from it and merges again
+        with writing(final / "merged", checkpoint.describe(final), remove=final / "merged"):
+            merged.save_pretrained(final / "merged")
+            tokenizer.save_pretrained(final / "merged")
 
 
 # ---- running -----------------------------------------------------------------------------------
@@ -285,7 +296,7 @@ def check_resume(cfg) -> None:
     """trainer.resume=false refuses to continue a run: a run directory that already holds checkpoints is an
     error, never silently trained over."""
     folder = Path(cfg.paths.output_dir) / "checkpoints"
-    if not cfg.trainer.resume and checkpoint.latest(folder) is not None:
+    if not cfg.trainer.resume and checkpoint.candidates(folder):  # intact or not: the folder is an earlier run's
         raise ConfigError(f"{folder} holds checkpoints of an earlier run and trainer.resume=false: pick another "
                           "run directory (run_name=...) or resume it (trainer.resume=true)")
 

@@ -184,6 +184,79 @@ def test_a_two_process_run_killed_after_a_checkpoint_resumes_in_one_process(tmp_
 
 
 @pytest.mark.slow
+def test_a_two_process_checkpoint_missing_a_rank_shard_is_skipped_or_refused(tmp_path, cache, capsys):
+    """Each rank lists its own shard and generators in the manifest. With rank 1's shard gone from the newest
+    checkpoint, the older one is used (and resumed in one process); with it gone from every one, none is."""
+    import shutil
+
+    from dpo_exp import checkpoint
+    from dpo_exp.errors import ConfigError
+
+    overrides = ["trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=2"]  # step_2, then final
+    run_dir, shard = tmp_path / "run", Path("state") / "__1_0.distcp"
+    run(2, run_dir, cache, overrides)
+    folder = run_dir / "checkpoints"
+    manifest = json.loads((folder / "final" / checkpoint.MANIFEST).read_text())
+    owners = {name: entry["rank"] for name, entry in manifest["files"].items()}
+    assert manifest["world_size"] == 2 and owners[shard.as_posix()] == owners["rng/rank_1.pt"] == 1
+    assert owners["state/__0_0.distcp"] == 0
+
+    alone = tmp_path / "alone" / "checkpoints"  # the older checkpoint by itself, its shard gone too
+    shutil.copytree(folder / "step_2", alone / "step_2")
+    (alone / "step_2" / shard).unlink()
+    with pytest.raises(ConfigError, match=r"no intact .*__1_0.distcp is missing \(written by rank 1 of 2\)"):
+        checkpoint.latest(alone)
+
+    (folder / "final" / shard).unlink()
+    capsys.readouterr()
+    assert checkpoint.latest(folder) == folder / "step_2"
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dpo_exp: warning:")]
+    assert f"{folder / 'final' / shard} is missing (written by rank 1 of 2)" in warning
+    again = run(1, run_dir, cache, overrides)
+    assert "resuming from" in again.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step_2") and summary["steps"] == 4
+    assert checkpoint.verify(folder / "final") is None
+
+
+# Started in every process of the run below (a sitecustomize module on PYTHONPATH): rank 1 alone finds the disk full
+# as it writes its generators into checkpoints/step_4, a write that is its own (no collective hands the error on).
+RANK_1_DISK_FULL = """
+import errno, os
+if os.environ.get("RANK") == "1":
+    import torch
+    real = torch.save
+    def save(obj, f, *args, **kwargs):
+        if ".tmp_step_4/rng" in str(getattr(f, "name", f)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+    torch.save = save
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_refused_on_one_rank_stops_every_rank_readably(tmp_path, cache):
+    overrides = ["trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_every=2"]
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(RANK_1_DISK_FULL)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), str(ROOT)])}
+    failed = subprocess.run(command(2, run_dir, cache, overrides), cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert failed.returncode != 0
+    folder = run_dir / "checkpoints"
+    said = (f"dpo_exp: error: could not write {folder / 'step_4'}: No space left on device. "
+            f"Intact: {folder / 'step_2'} (step 2)")
+    assert failed.stderr.count(said) == 2, failed.stderr[-4000:]  # both ranks stopped, neither waits at a barrier
+    assert "Traceback" not in failed.stderr.split("dpo_exp: error:")[0], failed.stderr[-4000:]
+    assert [p.name for p in folder.iterdir()] == ["step_2"]  # the temporary folder is gone
+    again = run(2, run_dir, cache, overrides)
+    assert "resuming from" in again.stdout
+    rows = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert rows == [1, 2, 3, 4, 5, 6]  # none twice
+
+
+@pytest.mark.slow
 def test_every_algorithm_and_both_cached_stages_train_sharded(tmp_path, cache, one_process):
     fresh = tmp_path / "cache"  # π_SFT and the reward model are trained by both ranks here, written by rank 0
     run(2, tmp_path / "sft", fresh, ["loss=sft"])

@@ -124,3 +124,71 @@ def test_the_full_traceback_on_request_and_for_unexpected_errors(capsys, tmp_pat
     monkeypatch.setattr("dpo_exp.pipeline.build_task", lambda cfg: 1 / 0)
     code, err = failing(capsys, "debug=smoke", f"hydra.run.dir={tmp_path / 'bug'}")
     assert code == 1 and "ZeroDivisionError" in err and "Traceback" in err
+
+
+def offline(*args: str, home) -> subprocess.CompletedProcess:
+    """`python -m dpo_exp.train ARGS` on a machine without the hub (HF_HUB_OFFLINE, an empty Hugging Face cache)."""
+    return subprocess.run([sys.executable, "-m", "dpo_exp.train", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home)})
+
+
+def test_a_hub_dataset_that_cannot_be_reached_is_named_with_what_to_do(tmp_path):
+    run = offline("experiment=paper_imdb", f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}",
+                  home=tmp_path / "hf")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    message = run.stderr.split("dpo_exp: error: ", 1)[1]
+    assert message.startswith("cannot read the hub dataset stanfordnlp/imdb[train]: ")
+    assert "HF_HUB_OFFLINE is set" in message and "data.path=FILE" in message and "Hub is reachable" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_slurm_launcher_off_a_cluster_says_where_to_run_instead(tmp_path):
+    import shutil
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
+    if shutil.which("srun"):
+        pytest.skip("this machine has SLURM")
+    sweep = subprocess.run([sys.executable, "-m", "dpo_exp.train", "-m", "hydra/launcher=slurm", "debug=smoke",
+                            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert sweep.returncode == 2 and "Traceback" not in sweep.stderr, sweep.stderr[-3000:]
+    message = sweep.stderr.split("dpo_exp: error: ", 1)[1]
+    assert message.startswith("hydra/launcher=slurm submits SLURM jobs, but this machine has no SLURM (no srun on")
+    assert "login node" in message and "hydra/launcher=basic" in message and "hydra/launcher=slurm_local" in message
+    assert not (tmp_path / "sweep").exists()  # nothing written: no multirun.yaml of a sweep that never started
+
+
+SFT_STARTS = "training π_SFT into the cache"
+
+
+@pytest.mark.parametrize("problem", ["missing train file", "missing eval file", "bad JSON line"])
+def test_data_errors_come_before_sft_is_said_to_start(capsys, tmp_path, problem):
+    good = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"Q{i}", "chosen": "a", "rejected": "b"}
+                                                  for i in range(8)])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(good.read_text() + "{not json\n")
+    data = {"missing train file": [f"data.path={tmp_path / 'nope.jsonl'}"],
+            "missing eval file": [f"data.path={good}", f"data.eval_path={tmp_path / 'nope.jsonl'}"],
+            "bad JSON line": [f"data.path={broken}"]}[problem]
+    run_dir = tmp_path / "run"
+    argv = sys.argv
+    sys.argv = ["dpo_exp.train", *PREFERENCE, *data, f"hydra.run.dir={run_dir}",
+                f"paths.cache_dir={tmp_path / 'cache'}"]
+    try:
+        with pytest.raises(SystemExit) as exit_, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="'dpo_exp.train' found in sys.modules", category=RuntimeWarning)
+            runpy.run_module("dpo_exp.train", run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    assert exit_.value.code == 2 and "dpo_exp: error: " in out.err and "Traceback" not in out.err, out.err[-3000:]
+    assert ("no such file" if "missing" in problem else "line 9: not valid JSON") in out.err
+    assert SFT_STARTS not in out.out + out.err
+    assert not run_dir.exists()
+
+
+def test_a_model_that_cannot_be_loaded_comes_before_sft_is_said_to_start(tmp_path):
+    run = offline("model=hf", "model.name_or_path=nobody/no-such-model", f"hydra.run.dir={tmp_path / 'run'}",
+                  f"paths.cache_dir={tmp_path / 'cache'}", home=tmp_path / "hf")
+    assert run.returncode == 2 and "cannot load the tokenizer 'nobody/no-such-model'" in run.stderr, run.stderr[-3000:]
+    assert SFT_STARTS not in run.stdout + run.stderr

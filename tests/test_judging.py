@@ -299,6 +299,43 @@ def test_the_endpoint_judge_on_a_run_writes_the_key_nowhere(judged_runs, server,
     assert written and not [p for p in written if SECRET.encode() in p.read_bytes()]
 
 
+def refused_url() -> str:
+    """An endpoint on this machine where nothing listens: every connection is refused."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_an_endpoint_that_refuses_every_connection_fails_the_judging_with_the_reason(judged_runs, tmp_path, capsys):
+    """Not one usable verdict is a failure (exit 2, the request error on the console), not "win rate n/a"."""
+    import runpy
+    import sys
+    import warnings
+
+    run = judged_runs["sft"]
+    before = (run / "winrates.json").read_text() if (run / "winrates.json").exists() else None
+    argv, sys.argv = sys.argv, ["dpo_exp.judge", "judge=api", f"judge.base_url={refused_url()}",
+                                "judge.api_key_env=null", "judge.max_retries=1", "judge.backoff_s=0.01",
+                                f"runs=[{run}]", f"cache_dir={tmp_path / 'cache'}",
+                                f"hydra.run.dir={tmp_path / 'judging'}"]
+    try:
+        with pytest.raises(SystemExit) as exit_, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="'dpo_exp.judge' found in sys.modules", category=RuntimeWarning)
+            runpy.run_module("dpo_exp.judge", run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = argv
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err[-3000:]
+    message = err.split("dpo_exp: error: ", 1)[1]
+    assert message.startswith(f"{run} vs initial, T=") and "judge=api gave no usable verdict on any of the" in message
+    assert "Connection refused after 2 attempts" in message  # the reason, as the HTTP client saw it
+    after = (run / "winrates.json").read_text() if (run / "winrates.json").exists() else None
+    assert after == before and not (tmp_path / "judging").exists()  # no win rate written, no judging folder left
+
+
 def test_the_temperature_plot_draws_every_judged_run(judged_runs, tmp_path):
     import runpy
     import sys

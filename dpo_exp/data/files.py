@@ -56,6 +56,15 @@ def read_rows(path) -> Iterator[tuple[int, dict]]:
     return _guarded(path, reader(path, compressed))
 
 
+def check_readable(path) -> None:
+    """The file exists, has a known type and its first row parses; the rest is read (and checked) when used."""
+    rows = read_rows(path)
+    try:
+        next(rows, None)
+    finally:
+        rows.close()
+
+
 def _guarded(path: str, rows: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
     # A truncated or mislabelled .gz only fails once read; say which file rather than letting
     # gzip's internals surface.
@@ -170,12 +179,28 @@ def _parquet_rows(path: str, compressed: bool) -> Iterator[tuple[int, dict]]:
 def hub_rows(hub_name: str, split: str, config: str | None = None, **load_kwargs) -> Iterator[tuple[int, dict]]:
     """datasets.load_dataset(hub_name, config, split=split) for users with a network; rows from 1.
 
-    load_kwargs go to load_dataset, e.g. data_dir="helpful-base" for one subset of Anthropic/hh-rlhf.
+    load_kwargs go to load_dataset, e.g. data_dir="helpful-base" for one subset of Anthropic/hh-rlhf. A dataset
+    that cannot be reached (no network, HF_HUB_OFFLINE, a name the hub does not have) is one DataFileError naming
+    it and the split, and saying what to do instead.
     """
     import datasets
+    from huggingface_hub.errors import HfHubHTTPError
 
-    dataset = datasets.load_dataset(hub_name, config, split=split, **load_kwargs)
+    try:
+        dataset = datasets.load_dataset(hub_name, config, split=split, **load_kwargs)
+    except (ConnectionError, FileNotFoundError, HfHubHTTPError) as err:  # unreachable, offline, no such dataset
+        raise DataFileError(unreachable_dataset(hub_name, config, split, err)) from err
     for number, row in enumerate(dataset, 1):
         yield number, dict(row)
+
+
+def unreachable_dataset(hub_name: str, config: str | None, split: str, err: Exception) -> str:
+    """What to do when a hub dataset cannot be read: give local files, or run where the hub is reachable."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    offline = " (HF_HUB_OFFLINE is set: only datasets in the local Hugging Face cache can be read)" if (
+        os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")) else ""
+    name = f"{hub_name}{'/' + config if config else ''}[{split}]"
+    return (f"cannot read the hub dataset {name}: {reason}{offline}. Give the data as local files (data.path=FILE, "
+            "and data.eval_path=FILE for the held-out split), or run where the Hugging Face Hub is reachable")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -227,6 +228,7 @@ def judge_run(cfg, run: JudgedRun, judge: Judge, temperatures: list[float]) -> d
         comparisons = [Comparison(p, a, b, bool(first)) for (p, a, b), first
                        in zip(triples, rng.integers(0, 2, size=len(triples)))]
         verdicts = judge.judge(comparisons)
+        require_usable(verdicts, f"{run.path} vs {label}, T={t:g}", cfg.judge.name)
         check = sorted(rng.permutation(len(comparisons))[:round(cfg.position_check * len(comparisons))].tolist())
         swapped = judge.judge([comparisons[i].flipped() for i in check]) if check else []
         stats = win_rate([v.winner for v in verdicts], cfg.bootstrap, cfg.seed)
@@ -247,6 +249,23 @@ def judge_run(cfg, run: JudgedRun, judge: Judge, temperatures: list[float]) -> d
              "step": cfg.step, "temperatures": results, "tally": judge.tally()}
     write_results(run, entry, rows, cfg)
     return entry
+
+
+class JudgingFailed(ConfigError):
+    """Not one comparison got a usable verdict (an endpoint that refused every request, answers that name neither
+    response): there is no win rate to report, so nothing is written and the command fails with the judge's
+    reason."""
+
+
+def require_usable(verdicts: list, what: str, judge_name: str) -> None:
+    """A judging whose every verdict is unusable is a failure, not a win rate of n/a: raise JudgingFailed with the
+    commonest reason as the judge gave it (for judge=api, the request error as the HTTP client saw it)."""
+    if not verdicts or any(v.winner != "invalid" for v in verdicts):
+        return
+    reason, count = Counter(v.raw for v in verdicts).most_common(1)[0]
+    share = "all" if count == len(verdicts) else f"{count}"
+    raise JudgingFailed(f"{what}: judge={judge_name} gave no usable verdict on any of the {len(verdicts)} "
+                        f"comparisons; {share} of them: {reason[:500]}")
 
 
 def baseline_label(baseline: str) -> str:
@@ -380,6 +399,7 @@ def calibrate(cfg) -> dict:
                    for r, first in zip(rows, rng.integers(0, 2, size=len(rows)))]
     started = time.perf_counter()
     verdicts = judge.judge(comparisons)
+    require_usable(verdicts, f"calibrate={path}", cfg.judge.name)
     seconds = time.perf_counter() - started
     recorded = ["policy" if r["preferred"].strip() == "ours" else "baseline" for r in rows]
     check = sorted(rng.permutation(len(comparisons))[:round(cfg.position_check * len(comparisons))].tolist())
