@@ -2,9 +2,14 @@
 
 An entry's folder name is a hash of everything that determines it, so a β sweep
 finds the π_SFT that its first job trained. Concurrent jobs are serialised with an
-advisory file lock per entry, and an entry is built in a temporary folder and renamed
-into place only when complete, so a crash or a second job never sees half an entry. The ranks of a
-torchrun job share one entry: rank 0 locks and writes it (`get_or_build`).
+advisory file lock per entry, and an entry is built in its build folder (`<digest>.building/`) and renamed
+into place only when complete, so a crash or a second job never sees half an entry. An interrupted build (a signal,
+a preemption, a bug) leaves its build folder, and the next build of the entry continues from what it holds: the
+training stages from their newest checkpoint (its `checkpoints/`, removed before the rename so entries stay small).
+That is safe because the folder, like the entry, is keyed by everything that determines it. The ranks of a
+torchrun job share one entry: rank 0 locks and writes it (`get_or_build`). A write the machine refuses while an
+entry is built (no space, no permission: anywhere in the build, inside torch.distributed.checkpoint or
+save_pretrained too) removes the build folder and stops every rank with a WriteFailed naming the entry.
 """
 from __future__ import annotations
 
@@ -13,14 +18,18 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from dpo_exp import distributed
+from dpo_exp.errors import WriteFailed, writing
+from dpo_exp.loggers import console
 
 COMPLETE = "COMPLETE"
+BUILDING = ".building"  # suffix of an entry's build folder
+CHECKPOINTS = "checkpoints"  # a training stage's resumable checkpoints in its build folder (not kept in the entry)
+INTACT = "every finished cache entry (this one is built again from its start)"  # what a refused write leaves
 
 
 def cache_key(obj: Any) -> str:
@@ -42,7 +51,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 def get_or_build(cache_dir: str | Path, kind: str, key: Any, build: Callable[[Path], None],
                  collective: bool = False) -> Path:
-    """Return the folder of entry (kind, key), calling build(tmp_folder) once if it is missing.
+    """Return the folder of entry (kind, key), calling build(build_folder) once if it is missing. The build folder
+    holds what an interrupted build of the same entry left (empty at first): a build may continue from it.
 
     Under torchrun only rank 0 decides, locks and writes the entry. collective=False: rank 0 builds it as a
     single process while the other ranks wait at a barrier (e.g. pairs read from files). collective=True:
@@ -53,55 +63,71 @@ def get_or_build(cache_dir: str | Path, kind: str, key: Any, build: Callable[[Pa
     if distributed.world_size() > 1:
         if collective:
             return _build_together(final, key, build)
-        if distributed.is_main():
-            with distributed.alone():
-                get_or_build(cache_dir, kind, key, build)
-        distributed.barrier()
+
+        def alone() -> None:
+            if distributed.is_main():
+                with distributed.alone():
+                    get_or_build(cache_dir, kind, key, build)
+
+        distributed.together(alone, final, INTACT)  # the others wait; a refused write stops them too
         return final
     if (final / COMPLETE).exists():
         return final
-    with _locked(final.parent / f"{digest}.lock"):
+    with writing(final, INTACT), _locked(final.parent / f"{digest}.lock"):
         if not (final / COMPLETE).exists():  # else another job built it while we waited
-            tmp = _fresh_tmp(final)
+            tmp = _build_folder(final)
             try:
-                build(tmp)
-                _complete(tmp, final, key)
-            except BaseException:
+                with writing(final, INTACT):
+                    build(tmp)
+                    _complete(tmp, final, key)
+            except WriteFailed:  # a refused write: start this entry over (any other failure leaves it to resume)
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     return final
 
 
-def _fresh_tmp(final: Path) -> Path:
-    """An empty build folder for `final`, after removing what a crashed build left (the caller holds the lock)."""
-    if final.exists():  # left by a crash before the rename finished; never reuse it
+def _build_folder(final: Path) -> Path:
+    """The build folder of `final`, as an interrupted build left it (the caller holds the lock)."""
+    if final.exists():  # an entry folder without COMPLETE: left by a dpo_exp that could crash before the rename
         shutil.rmtree(final)
-    for stale in final.parent.glob(f"{final.name}.tmp*"):  # a build killed by a signal
+    for stale in final.parent.glob(f"{final.name}.tmp*"):  # the temporary folders of dpo_exp before builds resumed
         shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp", dir=final.parent))
+    folder = final.with_name(final.name + BUILDING)
+    if folder.is_dir() and any(folder.iterdir()):
+        console(f"continuing the interrupted build of {final} from what it left in {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _complete(tmp: Path, final: Path, key: Any) -> None:
+    shutil.rmtree(tmp / CHECKPOINTS, ignore_errors=True)  # only a resumed build needs them
     (tmp / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
     (tmp / COMPLETE).touch()
     os.rename(tmp, final)
 
 
 def _build_together(final: Path, key: Any, build: Callable[[Path], None]) -> Path:
-    """get_or_build(collective=True) with several ranks: rank 0 holds the lock while all ranks build."""
+    """get_or_build(collective=True) with several ranks: rank 0 holds the lock while all ranks build in its build
+    folder. A write refused on any rank stops every rank (distributed.together) and rank 0 removes the build folder;
+    any other failure leaves it for the next build to continue from."""
     with contextlib.ExitStack() as stack:
-        tmp = None
-        if distributed.is_main() and not (final / COMPLETE).exists():
-            stack.enter_context(_locked(final.parent / f"{final.name}.lock"))
-            if not (final / COMPLETE).exists():
-                tmp = _fresh_tmp(final)
-                stack.callback(shutil.rmtree, tmp, ignore_errors=True)  # gone after the rename; removed on a failure
-        tmp = distributed.broadcast_object(None if tmp is None else str(tmp))
+        def lock() -> Optional[str]:
+            if distributed.is_main() and not (final / COMPLETE).exists():
+                stack.enter_context(_locked(final.parent / f"{final.name}.lock"))
+                if not (final / COMPLETE).exists():
+                    return str(_build_folder(final))
+            return None
+
+        tmp = distributed.together(lock, final, INTACT)[0]  # rank 0's build folder, or None: the entry is there
         if tmp is None:
             return final
-        build(Path(tmp))
-        distributed.barrier()
-        if distributed.is_main():
-            _complete(Path(tmp), final, key)
-    distributed.barrier()
+        def complete() -> None:
+            if distributed.is_main():
+                _complete(Path(tmp), final, key)
+
+        def remove() -> None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        distributed.together(lambda: build(Path(tmp)), final, INTACT, cleanup=remove)
+        distributed.together(complete, final, INTACT, cleanup=remove)
     return final

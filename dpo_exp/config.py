@@ -156,6 +156,7 @@ class SFTConfig:
     max_steps: Optional[int] = None
     batch_size: int = 32
     max_length: int = 128
+    save_every: Optional[int] = 500  # steps between checkpoints in the build folder (an interrupted build resumes)
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
         name=OptimizerName.adamw, lr=1e-3, warmup_steps=20, schedule=Schedule.cosine, max_grad_norm=1.0))
 
@@ -274,6 +275,7 @@ class RewardModelSection:
     epochs: float = 1.0
     batch_size: int = 32
     eval_every: int = 50
+    save_every: Optional[int] = 500  # steps between checkpoints in the build folder (an interrupted build resumes)
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
         name=OptimizerName.adamw, lr=1e-5, eps=1e-5, warmup_steps=0, schedule=Schedule.constant, max_grad_norm=1.0))
 

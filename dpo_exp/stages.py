@@ -14,10 +14,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dpo_exp import distributed
+from dpo_exp import checkpoint, distributed
 from dpo_exp.algorithms import ALGORITHMS, Resources
 from dpo_exp.algorithms.reward_model import RewardModelEvaluator, normalise_reward_model
-from dpo_exp.cache import cache_key, get_or_build
+from dpo_exp.cache import CHECKPOINTS, cache_key, get_or_build
 from dpo_exp.data import PreferencePair, load_pairs, prompt_token_ids, save_pairs, tokenize_dataset
 from dpo_exp.data.formats import conversational
 from dpo_exp.loggers import FileSink, RunLogger, console
@@ -25,6 +25,7 @@ from dpo_exp.loop import Loop, LoopSettings, count_flops, seed_everything
 from dpo_exp.models import (ScalarHeadModel, load_model, load_tokenizer, new_model, resolve_device, stop_token_ids,
                             torch_dtype)
 from dpo_exp.models import templates
+from dpo_exp.models.sampling import keeping
 
 CACHE_VERSION = 5  # bump when code changes what an entry holds (5: sampled pairs keep their token ids)
 COST_FILE = "cost.json"
@@ -56,10 +57,11 @@ SFT_MODEL_KEYS = ("name", "name_or_path", "architecture", "tokenizer", "policy_d
 def sft_key(cfg) -> dict:
     """What determines π_SFT: the task name, the data section except data.max_length (the SFT stage cuts
     sequences at sft.max_length), SFT_MODEL_KEYS of the model and its chat template where one is set, the whole
-    sft section except sft.checkpoint, the seed and trainer.precision. Not the loss, β, LoRA or anything of the
-    later stages."""
+    sft section except sft.checkpoint and sft.save_every, the seed and trainer.precision. Not the loss, β, LoRA or
+    anything of the later stages."""
     sft = _plain(cfg.sft)
     sft.pop("checkpoint")
+    sft.pop("save_every", None)  # how often the build checkpoints, not what it builds
     data = _data_key(cfg.data)
     data.pop("max_length")
     model = {k: v for k, v in _plain(cfg.model).items() if k in SFT_MODEL_KEYS}
@@ -142,8 +144,9 @@ def entry_cost(folder: Path) -> dict:
 
 
 def train_sft(cfg, task, out: Path) -> None:
-    """The SFT stage: NLL on the task's SFT examples, saved with save_pretrained into `out`."""
-    console(f"training π_SFT into the cache ({out.parent})")
+    """The SFT stage: NLL on the task's SFT examples, saved with save_pretrained into `out`. The tokenizer, the
+    model and the examples are loaded before it says it trains, so a missing or broken data file or a model that
+    cannot be loaded is reported as itself, not under "training π_SFT"."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     source = cfg.model.tokenizer or cfg.model.name_or_path
@@ -170,8 +173,9 @@ def train_sft(cfg, task, out: Path) -> None:
     stage = stage_config(cfg, "sft", s.optimizer, batch_size=s.batch_size, epochs=s.epochs, max_steps=s.max_steps)
     algorithm = ALGORITHMS["sft"]("sft", stage, Resources(stage, tokenizer, device, policy=model,
                                                                train_pairs=examples))
+    console(f"training π_SFT into the cache ({out.parent})")
     settings = LoopSettings.from_trainer(stage.trainer, log_every=10, save_final=False, eval_at_start=False,
-                                         save_every=None, resume=False)  # a cache stage is rebuilt whole
+                                         save_every=s.save_every, resume=True)  # continues an interrupted build
     logger = stage_logger(out)
     try:
         Loop(algorithm, settings, logger, out, label="sft").fit()
@@ -183,7 +187,11 @@ def train_sft(cfg, task, out: Path) -> None:
 
 
 def stage_logger(out: Path) -> RunLogger:
-    """A cache stage's metrics.jsonl (written by rank 0)."""
+    """A cache stage's metrics.jsonl (written by rank 0). A build resumed from a checkpoint keeps the rows up to it
+    (Loop cuts the rest); one interrupted before its first checkpoint starts over, so its rows are dropped."""
+    if distributed.is_main() and not checkpoint.candidates(out / CHECKPOINTS):
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (out / name).unlink(missing_ok=True)
     return RunLogger([FileSink(out)] if distributed.is_main() else [])
 
 
@@ -214,10 +222,13 @@ def preference_data(cfg, task, sft_dir: str, tokenizer) -> tuple[list[Preference
     def build(out: Path) -> None:
         console(f"building preference pairs into the cache ({out.parent})")
         seed_everything(cfg.seed)
-        train, evaluation, skipped = task.preference_pairs(Path(sft_dir), tokenizer)
+        with keeping(out):  # finished sampling batches, from which an interrupted build continues
+            train, evaluation, skipped = task.preference_pairs(Path(sft_dir), tokenizer)
         save_pairs(train, out / "train.jsonl")
         save_pairs(evaluation, out / "eval.jsonl")
         (out / "skipped.json").write_text(json.dumps(skipped, indent=2, sort_keys=True))
+        for kept in out.glob("samples_*.pt*"):  # only a resumed build needs them
+            kept.unlink()
 
     folder = get_or_build(cfg.paths.cache_dir, "pairs", key, measured(build))
     skipped = json.loads((folder / "skipped.json").read_text())
@@ -225,11 +236,13 @@ def preference_data(cfg, task, sft_dir: str, tokenizer) -> tuple[list[Preference
 
 
 def reward_model_key(cfg, sft_dir: str, tokenizer=None) -> dict:
-    """What determines the reward model: the pairs' key, the whole reward_model section, PPO's sampling
+    """What determines the reward model: the pairs' key, the reward_model section but its save_every, PPO's sampling
     temperature and max_new_tokens (its scores are normalised on π_SFT's samples at them), the model's dtype,
     trainer.precision and the seed."""
+    section = _plain(cfg.reward_model)
+    section.pop("save_every", None)  # how often the build checkpoints, not what it builds
     return {"version": CACHE_VERSION, "pairs": pairs_key(cfg, sft_dir, tokenizer),
-            "reward_model": _plain(cfg.reward_model),
+            "reward_model": section,
             "normalise": {"temperature": cfg.ppo.temperature, "max_new_tokens": cfg.ppo.max_new_tokens},
             "model": {"dtype": cfg.model.policy_dtype}, "precision": str(cfg.trainer.precision), "seed": cfg.seed}
 
@@ -254,8 +267,8 @@ def reward_model_dir(cfg, prep) -> Path:
                                                               train_pairs=prep.train_tok))
         precision = str(cfg.trainer.precision)
         evaluate = RewardModelEvaluator(prep.eval_tok, tok.pad_token_id, cfg.trainer.eval_batch_size, precision)
-        settings = LoopSettings.from_trainer(stage.trainer, eval_every=r.eval_every, log_every=10, save_every=None,
-                                             resume=False,
+        settings = LoopSettings.from_trainer(stage.trainer, eval_every=r.eval_every, log_every=10,
+                                             save_every=r.save_every, resume=True,  # continues an interrupted build
                                              eval_at_start=False, save_final=False)
         logger = stage_logger(out)
         try:

@@ -1,4 +1,5 @@
 """The cache: built once, never seen half-written, safe under concurrent jobs; reference log-probs once per sweep."""
+import errno
 import json
 import multiprocessing as mp
 import time
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_exp.cache import COMPLETE, get_or_build
+from dpo_exp.cache import COMPLETE, cache_key, get_or_build
+from dpo_exp.errors import WriteFailed
 
 
 def _build_slowly(cache_dir: str, log: str, out_q) -> None:
@@ -35,19 +37,37 @@ def test_two_jobs_at_once_build_one_entry(tmp_path):
     assert (folder / "model.txt").read_text() == "weights" and (folder / COMPLETE).exists()
 
 
-def test_a_failed_build_leaves_nothing_behind_and_is_retried(tmp_path):
+def test_a_failed_build_keeps_its_build_folder_for_the_retry_and_the_entry_no_checkpoints(tmp_path):
     def broken(folder: Path) -> None:
+        (folder / "checkpoints" / "step_5").mkdir(parents=True)
         (folder / "half.bin").write_text("partial")
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError):
         get_or_build(tmp_path, "sft", {"k": 1}, broken)
-    assert not [p for p in (tmp_path / "sft").iterdir() if p.is_dir()]
+    assert not (tmp_path / "sft" / cache_key({"k": 1})).exists()  # never half an entry
     calls = []
-    folder = get_or_build(tmp_path, "sft", {"k": 1}, lambda f: calls.append(f))
-    assert calls and (folder / COMPLETE).exists()
+
+    def resumed(folder: Path) -> None:
+        calls.append((folder / "half.bin").read_text())  # what the failed build left, to continue from
+        (folder / "model.txt").write_text("weights")
+
+    folder = get_or_build(tmp_path, "sft", {"k": 1}, resumed)
+    assert calls == ["partial"] and (folder / COMPLETE).exists() and (folder / "model.txt").exists()
+    assert not (folder / "checkpoints").exists()  # a finished entry keeps no training checkpoints
+    assert [p.name for p in (tmp_path / "sft").iterdir() if p.is_dir()] == [folder.name]  # no build folder left
     get_or_build(tmp_path, "sft", {"k": 1}, lambda f: calls.append(f))
     assert len(calls) == 1  # found, not rebuilt
+
+
+def test_a_refused_write_removes_the_build_folder(tmp_path):
+    def full_disk(folder: Path) -> None:
+        (folder / "half.bin").write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(WriteFailed):
+        get_or_build(tmp_path, "sft", {"k": 1}, full_disk)
+    assert not [p for p in (tmp_path / "sft").iterdir() if p.is_dir()]
 
 
 def test_different_settings_get_different_entries(tmp_path):
@@ -64,18 +84,18 @@ def _build_forever(cache_dir: str) -> None:
     get_or_build(cache_dir, "sft", {"seed": 0}, build)
 
 
-def test_a_build_killed_by_a_signal_is_cleaned_up_by_the_next_job(tmp_path):
+def test_a_build_killed_by_a_signal_is_continued_by_the_next_job(tmp_path):
     job = mp.get_context("spawn").Process(target=_build_forever, args=(str(tmp_path),))
     job.start()
     deadline = time.time() + 60
-    while not list((tmp_path / "sft").glob("*.tmp*/half.bin")) and time.time() < deadline:
+    while not list((tmp_path / "sft").glob("*.building/half.bin")) and time.time() < deadline:
         time.sleep(0.1)
     job.kill()  # SIGKILL: no exception handler runs, the half-built folder stays
     job.join(10)
-    assert list((tmp_path / "sft").glob("*.tmp*"))
+    assert list((tmp_path / "sft").glob("*.building/half.bin"))
     folder = get_or_build(tmp_path, "sft", {"seed": 0}, lambda f: (f / "model.txt").write_text("weights"))
-    assert (folder / "model.txt").read_text() == "weights"
-    assert not list((tmp_path / "sft").glob("*.tmp*"))
+    assert (folder / "model.txt").read_text() == "weights" and (folder / "half.bin").exists()  # built on what was left
+    assert not list((tmp_path / "sft").glob("*.building"))
 
 
 def test_the_jobs_of_a_beta_sweep_compute_reference_log_probs_once(smoke_cfg, tmp_path, monkeypatch):
