@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from dpo_exp import checkpoint, distributed
 from dpo_exp.algorithms import Needs, Resources
-from dpo_exp.cache import get_or_build
+from dpo_exp.cache import CHECKPOINTS, get_or_build
 from dpo_exp.data import PairLayout, prompt_token_ids, tokenize_dataset
 from dpo_exp.data.files import check_readable
 from dpo_exp.errors import ConfigError, DataFileError, writing
@@ -154,7 +154,7 @@ def reference_store(cfg, ref_path: str):
                "attention": m.attn_implementation, "pairs": pairs_digest(pairs)}
 
         def build(out: Path) -> None:
-            chosen, rejected = compute()
+            chosen, rejected = compute(out / CHECKPOINTS)  # finished chunks are kept there: a rerun continues
             if distributed.is_main():
                 torch.save({"chosen": chosen, "rejected": rejected}, out / "logps.pt")
 

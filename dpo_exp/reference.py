@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import weakref
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -27,6 +29,10 @@ from dpo_exp.models import PairLogps, SequenceLogps, autocast, sequence_logps
 
 Table = tuple[torch.Tensor, torch.Tensor]                     # (chosen, rejected) summed log-probs by pair index
 Store = Callable[[Sequence[TokenizedPair], Callable[[], Table]], Table]  # (pairs, compute) -> their table
+
+
+# Batches per kept chunk of a precomputed table (Reference.logps_of_pairs(keep=...)): what an interruption can lose.
+KEPT_CHUNK_BATCHES = 64
 
 
 class Reference:
@@ -68,10 +74,10 @@ class Reference:
     def precompute(self, name: str, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int) -> None:
         """Store reference log-probs of `pairs` (by TokenizedPair.index) under `name`: computed here, or read
         from `store` where an earlier run (another job of a sweep, the run before a resume) computed them."""
-        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        def compute(keep: Optional[Path] = None) -> tuple[torch.Tensor, torch.Tensor]:
             size = max(p.index for p in pairs) + 1
             chosen, rejected = torch.zeros(size), torch.zeros(size)
-            pair_chosen, pair_rejected = self.logps_of_pairs(pairs, pad_id, batch_size)
+            pair_chosen, pair_rejected = self.logps_of_pairs(pairs, pad_id, batch_size, keep)
             index = torch.tensor([p.index for p in pairs])
             chosen[index], rejected[index] = pair_chosen, pair_rejected
             return chosen, rejected
@@ -79,11 +85,17 @@ class Reference:
         self._tables[name] = compute() if self.store is None else self.store(pairs, compute)
 
     @torch.no_grad()
-    def logps_of_pairs(self, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps_of_pairs(self, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int,
+                       keep: Optional[Path] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) summed log π_ref of each pair, in order, on the CPU. Under torchrun each rank
-        computes its share (the reference is sharded too) and every rank gets all of them."""
+        computes its share (the reference is sharded too) and every rank gets all of them.
+
+        keep: a folder (a cache entry's build folder) where each finished chunk of KEPT_CHUNK_BATCHES batches is
+        kept, so that a computation interrupted and run again continues after its finished chunks. Chunks start
+        at whole batches, so one process computes the same batches as without `keep`."""
         pairs = list(pairs)
+        if keep is not None:
+            return self._kept_chunks(pairs, pad_id, batch_size, keep)
 
         def forward(rows: list[int]) -> list[tuple[float, float]]:
             out = []
@@ -97,6 +109,30 @@ class Reference:
 
         values = distributed.map_shared(range(len(pairs)), forward)
         return torch.tensor([c for c, _ in values]), torch.tensor([r for _, r in values])
+
+    def _kept_chunks(self, pairs: list, pad_id: int, batch_size: int, keep: Path
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        size = batch_size * KEPT_CHUNK_BATCHES
+        chosen, rejected = [], []
+        held = self._model
+        with contextlib.ExitStack() as stack:
+            stack.callback(setattr, self, "_model", held)
+            for number, start in enumerate(range(0, len(pairs), size)):
+                path = keep / f"reference_chunk_{number}.pt"
+                if distributed.broadcast_object(path.is_file() if distributed.is_main() else None):
+                    part = torch.load(path, weights_only=True)
+                else:
+                    if self._model is None:  # loaded once for every chunk still to compute, none if all are kept
+                        self._model = stack.enter_context(self.model())
+                    c, r = self.logps_of_pairs(pairs[start:start + size], pad_id, batch_size)
+                    part = {"chosen": c, "rejected": r}
+                    if distributed.is_main():  # whole or not at all: written beside it, then renamed
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        torch.save(part, path.with_suffix(".tmp"))
+                        os.replace(path.with_suffix(".tmp"), path)
+                chosen.append(part["chosen"])
+                rejected.append(part["rejected"])
+        return torch.cat(chosen), torch.cat(rejected)
 
     @torch.no_grad()
     def pair_logps(self, batch: Batch, with_rejected: bool, table: Optional[str] = None) -> PairLogps:

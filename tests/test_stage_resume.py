@@ -202,3 +202,45 @@ def test_sampling_interrupted_between_batches_continues_to_the_uninterrupted_sam
     model.generate = generate
     assert len(torch.load(tmp_path / "samples_0.pt", weights_only=True)["responses"]) == 6
     assert draw(tmp_path) == whole
+
+
+def test_a_reference_table_interrupted_while_computed_continues_after_its_finished_chunks(tmp_path, monkeypatch):
+    """Reference.logps_of_pairs(keep=...) keeps each finished chunk; a rerun loads them, computes only the rest
+    (loading π_ref once), and gives the uninterrupted table exactly."""
+    from dpo_exp import reference as reference_module
+    from dpo_exp.data import TokenizedPair
+    from dpo_exp.models import freeze
+    from test_ppo import tiny_llama
+
+    monkeypatch.setattr(reference_module, "KEPT_CHUNK_BATCHES", 1)  # 2 pairs per chunk: 3 chunks
+    pairs = [TokenizedPair(i, [1, 3 + i], [4 + i, 2], [5 + i, 6, 2]) for i in range(6)]
+    loads = []
+
+    def load():
+        loads.append(1)
+        return freeze(tiny_llama(seed=0))
+
+    whole = reference_module.Reference(load, resident=False).logps_of_pairs(pairs, 0, batch_size=2)
+    keep = tmp_path / "checkpoints"
+    reference = reference_module.Reference(load, resident=False)
+    real = reference_module.Reference.logps_of_pairs
+    calls = []
+
+    def interrupted(self, chunk, pad_id, batch_size, keep=None):
+        if keep is None:
+            calls.append(len(chunk))
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # killed while computing the second chunk
+        return real(self, chunk, pad_id, batch_size, keep)
+
+    monkeypatch.setattr(reference_module.Reference, "logps_of_pairs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reference.logps_of_pairs(pairs, 0, batch_size=2, keep=keep)
+    assert sorted(p.name for p in keep.iterdir()) == ["reference_chunk_0.pt"]
+    monkeypatch.setattr(reference_module.Reference, "logps_of_pairs", real)
+    loads.clear()
+    again = reference.logps_of_pairs(pairs, 0, batch_size=2, keep=keep)
+    assert torch.equal(again[0], whole[0]) and torch.equal(again[1], whole[1])
+    assert len(loads) == 1  # π_ref loaded once for the two chunks left, not per chunk
+    loads.clear()
+    assert torch.equal(reference.logps_of_pairs(pairs, 0, batch_size=2, keep=keep)[0], whole[0]) and not loads
