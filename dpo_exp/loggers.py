@@ -108,6 +108,11 @@ class FileSink:
             self._replace(path, "".join(kept))
             setattr(self, f"_{name}", open(path, "ab", buffering=0))
 
+    def start_over(self) -> None:
+        """The run starts from step 0: rows an earlier attempt in this directory logged before it was killed
+        (before its first checkpoint) are dropped."""
+        self.rewind(-1)
+
     def summary(self, summary: dict) -> None:
         self._replace(self.run_dir / "summary.json",
                       json.dumps({k: _plain(v) for k, v in summary.items()}, indent=2, sort_keys=True))
@@ -176,7 +181,7 @@ class WandbSink:
             print("[dpo_exp] no W&B API key found; logging offline (sync later with `wandb sync`)")
             self.mode = "offline"
         # One W&B run per run directory: a resumed run (same directory) continues the same W&B run id.
-        id_file = Path(run_dir) / "wandb_run_id"
+        id_file = self._id_file = Path(run_dir) / "wandb_run_id"
         self._existed = id_file.exists()
         self.run_id = id_file.read_text().strip() if self._existed else uuid.uuid4().hex[:12]
         id_file.write_text(self.run_id)
@@ -200,6 +205,15 @@ class WandbSink:
         it (W&B keeps its rows up to `step` and continues at the next)."""
         self._resumed = True
         self._start(step if self.mode == "offline" and self._existed else None)
+
+    def start_over(self) -> None:
+        """The run starts from step 0 (no checkpoint to resume from): an earlier attempt's W&B run in this directory,
+        killed before its first checkpoint, is left as it is and this attempt logs to a new one."""
+        if self._existed and self.run is None:
+            self.run_id = uuid.uuid4().hex[:12]
+            self._id_file.write_text(self.run_id)
+            self._init["id"] = self.run_id
+            self._existed = False
 
     def _log(self, row: dict, step: int) -> None:
         self._start()
@@ -252,6 +266,12 @@ class RunLogger:
         for sink in self.sinks:
             if hasattr(sink, "rewind"):
                 sink.rewind(step)
+
+    def start_over(self) -> None:
+        """The run starts from step 0: sinks drop (or leave behind) what an earlier attempt logged."""
+        for sink in self.sinks:
+            if hasattr(sink, "start_over"):
+                sink.start_over()
 
     def finish(self) -> None:
         for sink in self.sinks:

@@ -392,6 +392,8 @@ class Loop:
             model.module.train()
         if self.settings.resume:
             self.restore()
+        if self.resumed_from is None:  # from step 0: what a run killed before its first checkpoint logged goes
+            self.logger.start_over()
         if self.evaluate_fn is not None and self.settings.eval_at_start and self.resumed_from is None:
             self.evaluate()
         with StopSignals() as stop, progress(self.iterations, self.label, self.settings.show_progress) as bar:

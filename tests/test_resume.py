@@ -112,6 +112,24 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp
 
 
 @pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_starts_over_with_each_row_once(tmp_path, cli_cache,
+                                                                                 uninterrupted_dpo):
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+
+    def training() -> bool:  # train rows are written, no checkpoint yet
+        return metrics.exists() and "train/loss" in metrics.read_text()
+
+    status, err = interrupt(run_dir, cli_cache, DPO, training, signal.SIGKILL)
+    assert status == -signal.SIGKILL and checkpoint.latest(run_dir / "checkpoints") is None, err[-2000:]
+    again = run_cli(run_dir, cli_cache, DPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [r["step"] for r in read_jsonl(metrics)]
+    assert steps.count(0) == 1 and sorted(steps) == steps  # the killed attempt's rows are gone, none twice
+    assert_same_outcome(outcome(run_dir), uninterrupted_dpo)
+
+
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_for_requeue_and_the_rerun_matches(tmp_path, cli_cache, uninterrupted_dpo):
     run_dir = tmp_path / "run"
     metrics = run_dir / "metrics.jsonl"
@@ -250,7 +268,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(smoke_cfg, monkeypatch):
     real = Loop.run_iteration
 
     def die_at_step_3(self, bar):
-        if self.step == 3:
+        if self.step == 3 and self.label == "train":  # the run's own loop, not the SFT stage an empty cache builds
             raise KeyboardInterrupt("killed")
         return real(self, bar)
 
