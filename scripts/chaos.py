@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# 12 training pairs, 4 per step in 2 micro-batches: 10 steps; a checkpoint after every step
-DPO = ["debug=smoke", "trainer.batch_size=4", "trainer.grad_accumulation_steps=2", "trainer.max_steps=null",
+# 12 training pairs, 2 per step in 2 micro-batches: 20 steps of about 0.1 s here; a checkpoint after every step
+DPO = ["debug=smoke", "trainer.batch_size=2", "trainer.grad_accumulation_steps=2", "trainer.max_steps=null",
        "trainer.epochs=3.25", "trainer.eval_every=5", "trainer.eval_batch_size=2", "trainer.save_every=1",
        "trainer.keep_checkpoints=2"]
+STEPS = 20
 
 
 def command(processes: int, run_dir: Path, cache: Path, overrides: list[str]) -> list[str]:
@@ -60,12 +61,20 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def writing_checkpoint(run_dir: Path) -> bool:
+def writing_checkpoint(run_dir: Path, since: float) -> bool:
+    """A checkpoint's `.tmp_*` folder made after `since` (time.time()) exists: one is being written now (a folder
+    a kill left behind earlier does not count)."""
     folder = run_dir / "checkpoints"
     try:
-        return any(entry.name.startswith(".tmp_") for entry in os.scandir(folder))
+        return any(entry.name.startswith(".tmp_") and entry.stat().st_mtime >= since for entry in os.scandir(folder))
     except FileNotFoundError:
         return False
+
+
+def checkpointed_step(run_dir: Path) -> int:
+    """The newest step checkpoint's step (0 if none): where a rerun resumes."""
+    steps = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*") if p.name[5:].isdigit()]
+    return max(steps, default=0)
 
 
 def uninterrupted(run_dir: Path, cache: Path, overrides: list[str], processes: int = 2) -> float:
@@ -88,7 +97,7 @@ def trained_steps(run_dir: Path) -> int:
 
 
 def chaos(run_dir: Path, cache: Path, overrides: list[str], kills: int, seed: int, reference_seconds: float,
-          processes: tuple[int, ...] = (2, 2, 1, 2), total_steps: int = 10) -> dict:
+          processes: tuple[int, ...] = (2, 2, 1, 2), total_steps: int = STEPS) -> dict:
     """Kill the run `kills` times, then let it finish. Each kill comes a random time after the run has logged a
     step drawn at random beyond the newest it had logged; the second attempt is killed inside a checkpoint
     write instead."""
@@ -98,23 +107,25 @@ def chaos(run_dir: Path, cache: Path, overrides: list[str], kills: int, seed: in
         n = processes[attempt % len(processes)]
         last = attempt == kills
         in_write = attempt == 1
-        target = rng.randint(min(trained_steps(run_dir) + 1, total_steps - 1), total_steps - 1)
-        jitter = rng.uniform(0.0, 0.5)
-        started = time.perf_counter()
+        target = rng.randint(min(checkpointed_step(run_dir) + 1, total_steps - 1), total_steps - 1)
+        jitter = rng.uniform(0.0, 0.15)  # about a step
+        started, since = time.perf_counter(), time.time()
+        metrics = run_dir / "metrics.jsonl"
         proc = launch(n, run_dir, cache, overrides)
         killed, during_write, reached = False, False, None
         while proc.poll() is None and not last:
             if in_write:
-                if writing_checkpoint(run_dir):
+                if writing_checkpoint(run_dir, since):
                     kill_tree(proc.pid)
                     killed, during_write = True, True
                     break
                 time.sleep(0.0005)
                 continue
-            if reached is None and trained_steps(run_dir) >= target:
+            fresh = metrics.exists() and metrics.stat().st_mtime >= since  # rows of this attempt (a resume rewinds)
+            if reached is None and fresh and trained_steps(run_dir) >= target:
                 reached = time.perf_counter()
             if reached is not None and time.perf_counter() - reached >= jitter:
-                during_write = writing_checkpoint(run_dir)
+                during_write = writing_checkpoint(run_dir, since)
                 kill_tree(proc.pid)
                 killed = True
                 break

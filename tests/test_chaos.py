@@ -34,11 +34,11 @@ def test_a_run_killed_again_and_again_ends_as_the_uninterrupted_run(tmp_path):
     run_dir = tmp_path / "chaos"
     report = chaos.chaos(run_dir, cache, chaos.DPO, kills=3, seed=0, reference_seconds=seconds)
     (tmp_path / "report.json").write_text(json.dumps(report))
-    assert report["status"] == "complete" and report["steps"] == 10
+    assert report["status"] == "complete" and report["steps"] == chaos.STEPS
     assert report["kills"] == 3 and report["kills_inside_checkpoint_write"] >= 1, report
     assert {a["processes"] for a in report["attempts"]} == {1, 2}, report  # resumed across a change of world size
     train, again = rows(reference, "train/loss"), rows(run_dir, "train/loss")
-    assert sorted(train) == sorted(again) == list(range(1, 11))  # every step once: no row lost or repeated
+    assert sorted(train) == sorted(again) == list(range(1, chaos.STEPS + 1))  # every step once: no row lost or repeated
     for step in train:
         for key in ("train/loss", "train/grad_norm", "train/rewards/margins"):
             assert math.isclose(train[step][key], again[step][key], rel_tol=TOL, abs_tol=TOL), (step, key, report)
