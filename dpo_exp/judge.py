@@ -1,20 +1,8 @@
-"""Entry point: `python -m dpo_exp.judge runs=[RUN_DIR,...] [judge=...] [baseline=...]`.
+"""Entry point: `python -m dpo_exp.judge runs=[RUN_DIR,...] [judge=NAME] [baseline=initial|reference|RUN_DIR]`.
 
-Win rates as the DPO paper measured them. For every judged run and sampling temperature: the policy's
-evaluation samples (the `eval/samples/T=<t>` tables the run wrote, at its last evaluation or `step`;
-sampled now from checkpoints/final when the run wrote none at that temperature) are compared, prompt by
-prompt, with a baseline's response to the same prompt:
-
-- `baseline=initial`: the run's own policy before training (its step-0 samples at that temperature, or
-  π_SFT sampled now): "against π_SFT";
-- `baseline=reference`: the dataset's reference response to each held-out prompt (TL;DR's human reference summary, HH's chosen response; the held-out pair's chosen response where there is none);
-- `baseline=RUN_DIR`: another run's samples at the same temperature (head to head).
-
-Each comparison is shown in an order drawn from a seeded RNG and the verdict mapped back; ties and unusable
-answers are counted apart. Results: RUN_DIR/winrates.json (one entry per judge and baseline: win rate,
-counts, bootstrap 95% interval, position-bias agreement, the judge's tally), RUN_DIR/judgements_<judge>_vs_
-<baseline>.jsonl (every comparison with the judge's raw answer), winrate/* keys in summary.json, and the
-run's W&B page when it logged to W&B.
+Judges each run's evaluation samples against a baseline, as the DPO paper measured win rates, and writes
+RUN_DIR/winrates.json, the judgements and winrate/* keys into summary.json (dpo_exp.judging.winrates says how);
+`calibrate=FILE` measures the judge against recorded verdicts instead. Judges: dpo_exp.judging.judges.JUDGES.
 """
 from __future__ import annotations
 

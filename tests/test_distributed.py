@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,9 @@ import pytest
 import torch
 
 from conftest import ROOT, read_jsonl
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from chaos import kill_tree  # noqa: E402  (SIGKILL a process tree at once, as when a node is lost)
 
 from dpo_exp import distributed
 from dpo_exp.loop import Loop, LoopSettings
@@ -73,23 +75,6 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "final").state_dict()
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants at once (torchrun starts its workers in their own sessions)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    for p in tree:
-        os.kill(p, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
