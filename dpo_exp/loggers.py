@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -195,7 +196,7 @@ class WandbSink:
         if self.run is not None:
             return
         how = {"resume_from": f"{self.run_id}?_step={rewind_to}"} if rewind_to is not None else {"resume": "allow"}
-        self.run = self._wandb.init(**self._init, **how)
+        self.run = self._init_run(how)
         self._held = self.run.starting_step  # the steps below are in the W&B run's history already (resumed, rewound)
         for split in ("train", "eval"):
             self.run.define_metric(f"{split}/*", step_metric="step")
@@ -205,6 +206,19 @@ class WandbSink:
         it (W&B keeps its rows up to `step` and continues at the next)."""
         self._resumed = True
         self._start(step if self.mode == "offline" and self._existed else None)
+
+    def _init_run(self, how: dict, waits: tuple[float, ...] = (1, 2, 4, 8, 16, 30)):
+        """wandb.init, waiting while the W&B service of a killed attempt on this machine still holds the run id
+        ("run ID ... is in use": it exits once it sees its process gone, within seconds)."""
+        for wait in (*waits, None):
+            try:
+                return self._wandb.init(**self._init, **how)
+            except Exception as err:  # wandb's ServerResponseError, whose module path moves between versions
+                if wait is None or "is in use" not in str(err):
+                    raise
+                print(f"[dpo_exp] W&B run {self.run_id} is still held by an earlier attempt's W&B service; "
+                      f"retrying in {wait:g} s", flush=True)
+                time.sleep(wait)
 
     def start_over(self) -> None:
         """The run starts from step 0 (no checkpoint to resume from): an earlier attempt's W&B run in this directory,

@@ -96,3 +96,39 @@ def test_a_run_killed_after_a_checkpoint_holds_every_step_once_in_its_wandb_hist
     # the same steps and values as metrics.jsonl (cut back to the checkpoint by the resume, then continued)
     files = {r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r}
     assert {int(r["step"]): json.loads(r["train/loss"]) for r in rows if "train/loss" in r} == files
+
+
+def test_a_run_id_still_held_by_a_killed_attempts_wandb_service_is_waited_for(monkeypatch):
+    """A SIGKILLed process's W&B service can outlive it for a few seconds and refuse the same run id ("is in use"):
+    the resumed run waits for it instead of failing; any other error is raised at once."""
+    from dpo_exp import loggers
+
+    class FakeWandb:
+        def __init__(self, failures, message):
+            self.failures, self.message, self.calls = failures, message, 0
+
+        def init(self, **kwargs):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise RuntimeError(self.message)
+            return "run"
+
+    monkeypatch.setattr(loggers.time, "sleep", lambda s: None)
+    sink = loggers.WandbSink.__new__(loggers.WandbSink)
+    sink._init, sink.run_id = {}, "abc"
+    sink._wandb = FakeWandb(2, "run ID abc is in use")
+    assert sink._init_run({}) == "run" and sink._wandb.calls == 3
+    sink._wandb = FakeWandb(9, "run ID abc is in use")
+    try:
+        sink._init_run({}, waits=(1, 1))
+    except RuntimeError as err:
+        assert "is in use" in str(err) and sink._wandb.calls == 3
+    else:
+        raise AssertionError("gave up silently")
+    sink._wandb = FakeWandb(1, "permission denied")
+    try:
+        sink._init_run({})
+    except RuntimeError:
+        assert sink._wandb.calls == 1
+    else:
+        raise AssertionError("retried an error that is not a held run id")
