@@ -37,4 +37,5 @@ def run_dir_name(run_name: Optional[str], experiment_name: str) -> str:
             run_id = f"{socket.gethostname()}-{os.getppid()}"
         return f"torchrun-{run_id}_{experiment_name}"
     import datetime
-    return datetime.datetime.now().strftime(f"%Y-%m-%d/%H-%M-%S_{experiment_name}")
+    now = datetime.datetime.now()  # to the millisecond: two commands started in the same second get two folders
+    return now.strftime("%Y-%m-%d/%H-%M-%S") + f".{now.microsecond // 1000:03d}_{experiment_name}"

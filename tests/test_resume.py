@@ -245,6 +245,9 @@ def test_run_directory_names_are_stable_across_restarts(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     assert run_dir_name("beta_sweep_a", "imdb") == "beta_sweep_a"
     assert run_dir_name(None, "imdb").endswith("_imdb")  # the start time
+    first = run_dir_name(None, "imdb")
+    time.sleep(0.002)
+    assert run_dir_name(None, "imdb") != first  # to the millisecond: two commands in one second, two folders
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert run_dir_name(None, "imdb") == "slurm-4242_imdb"
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")

@@ -33,7 +33,9 @@ STEPS, SAVE_EVERY, EVAL_EVERY, KILL_AT = 12, 4, 2, 7
 
 
 def train(run_dir: Path, cache: Path, kill_at: int) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    # its own W&B service: not one an earlier test started in this process (WANDB_SERVICE), which would outlive
+    # the killed run and hold its id
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY" and not k.startswith("WANDB_SERVICE")}
     env.update(PYTHONPATH=str(ROOT), KILL_AT=str(kill_at), WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL="0.05")
     return subprocess.run([sys.executable, "-c", KILLED, "debug=smoke", "logger=wandb", "logger.mode=offline",
                            f"trainer.max_steps={STEPS}", f"trainer.save_every={SAVE_EVERY}",
