@@ -14,10 +14,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dpo_exp import checkpoint, distributed
+from dpo_exp import distributed
 from dpo_exp.algorithms import ALGORITHMS, Resources
 from dpo_exp.algorithms.reward_model import RewardModelEvaluator, normalise_reward_model
-from dpo_exp.cache import CHECKPOINTS, cache_key, get_or_build
+from dpo_exp.cache import cache_key, get_or_build
 from dpo_exp.data import PreferencePair, load_pairs, prompt_token_ids, save_pairs, tokenize_dataset
 from dpo_exp.data.formats import conversational
 from dpo_exp.loggers import FileSink, RunLogger, console
@@ -187,11 +187,8 @@ def train_sft(cfg, task, out: Path) -> None:
 
 
 def stage_logger(out: Path) -> RunLogger:
-    """A cache stage's metrics.jsonl (written by rank 0). A build resumed from a checkpoint keeps the rows up to it
-    (Loop cuts the rest); one interrupted before its first checkpoint starts over, so its rows are dropped."""
-    if distributed.is_main() and not checkpoint.candidates(out / CHECKPOINTS):
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            (out / name).unlink(missing_ok=True)
+    """A cache stage's metrics.jsonl (written by rank 0). The stage's Loop cuts it back to the checkpoint it resumes
+    from, or empties it when it starts from step 0 (Loop.fit: logger.start_over)."""
     return RunLogger([FileSink(out)] if distributed.is_main() else [])
 
 
